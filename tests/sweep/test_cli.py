@@ -1,0 +1,100 @@
+"""Bad input: one line naming the problem, exit 2, no traceback, storage untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, run_cli, write_config
+
+
+def _snapshot(folder):
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        digest.update(str(path.relative_to(folder)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture
+def project(tmp_path, shared_data):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    cfg = write_config(tmp_path, model, shared_data)
+    (tmp_path / "storage").mkdir()
+    (tmp_path / "storage" / "keep.txt").write_text("finished work")
+    return tmp_path, cfg
+
+
+BAD = [
+    (["--study", "nope"], "unknown study 'nope'"),
+    (
+        ["--study", "tiny", "--set", "space.lr={low=1e-3, high=1e-5}"],
+        "studies.tiny.space.lr: low must be < high",
+    ),
+    (["--study", "tiny", "--set", "space.r=[]"], "studies.tiny.space.r: needs at least one value"),
+    (["--study", "tiny", "--set", "sampler.name='TPESamplr'"], "did you mean 'TPESampler'"),
+    (["--study", "tiny", "--set", "pruner.name='Median'"], "unknown pruner 'Median'"),
+    (["--study", "tiny", "--set", "pruner.n_startup=3"], "studies.tiny.pruner"),
+    (["--study", "tiny", "--set", "models=['ghost']"], "unknown model alias 'ghost'"),
+    (
+        ["--study", "tiny", "--set", "data.dir='/no/such/dir'"],
+        "studies.tiny.data.dir: data directory",
+    ),
+    (["--study", "tiny", "--set", "data.dir='/tmp'"], "lacks sst2/train.tsv.xz"),
+    (
+        ["--study", "tiny", "--set", "train.batch_size=0"],
+        "studies.tiny.train.batch_size: must be > 0",
+    ),
+    (["--study", "tiny", "--set", "train.max_stepz=3"], "did you mean 'max_steps'"),
+    (["--study", "tiny", "--set", "nokey"], "--set: expected KEY=VALUE"),
+    (["--study", "tiny", "--storage", "redis://x"], "unknown storage scheme 'redis'"),
+    (
+        ["--study", "tiny", "--storage", "sqlite:///{folder}/storage/keep.txt/optuna.db"],
+        "not writable",
+    ),
+    (["--study", "tiny", "--set", "task='squad'"], "is not implemented yet"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD)
+def test_bad_input_exits_2_with_one_line(project, args, message):
+    folder, cfg = project
+    before = _snapshot(folder)
+    out = run_cli("run", "--config", str(cfg), *(a.replace("{folder}", str(folder)) for a in args))
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], out.stderr
+    assert "Traceback" not in out.stderr
+    assert _snapshot(folder) == before
+
+
+def test_malformed_toml(project):
+    folder, cfg = project
+    cfg.write_text(cfg.read_text() + "\n[studies.broken\n")
+    out = run_cli("run", "--config", str(cfg), "--study", "tiny")
+    assert out.returncode == 2 and "not valid TOML" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_model_path_missing(project, tmp_path):
+    folder, cfg = project
+    cfg.write_text(cfg.read_text().replace(str(tmp_path / "model"), str(tmp_path / "gone")))
+    out = run_cli("run", "--config", str(cfg), "--study", "tiny")
+    assert out.returncode == 2 and "models.tiny.path: no model at" in out.stderr
+
+
+def test_help_on_tool_and_commands():
+    for args in ([], ["run"], ["status"]):
+        out = run_cli(*args, "--help")
+        assert out.returncode == 0 and "usage:" in out.stdout
+
+
+def test_sweep_process_never_imports_torch():
+    code = "import sys, sweep.__main__, sweep.study, sweep.trial; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr

@@ -1,0 +1,79 @@
+"""Real sweeps on a tiny random Qwen2 with real SST-2 rows: each trial is a child process."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import optuna
+
+from tests.conftest import run_cli, write_config
+
+
+def _trials(folder, name="tiny"):
+    storage = f"sqlite:///{folder}/storage/optuna.db"
+    return optuna.load_study(study_name=name, storage=storage).trials
+
+
+def test_two_trial_sweep_then_resume(tmp_path, tiny_model, shared_data):
+    cfg = write_config(tmp_path, tiny_model, shared_data)
+    first = run_cli("run", "--study", "tiny", "--config", str(cfg))
+    assert first.returncode == 0, first.stderr[-3000:]
+    trials = _trials(tmp_path)
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    for t in trials:
+        accuracy, peak = t.values
+        assert 0.0 <= accuracy <= 1.0 and peak > 0
+        assert t.user_attrs["memory_kind"] == "cpu_rss"
+        assert t.user_attrs["train_tokens_per_s"] > 0 and t.user_attrs["steps"] == 4
+        trial_dir = tmp_path / "storage" / "trials" / "tiny" / str(t.number)
+        assert (trial_dir / "adapter" / "adapter_model.safetensors").is_file()
+        result = json.loads((trial_dir / "result.json").read_text())
+        assert result["status"] == "success" and result["versions"]["torch"]
+        assert json.loads((trial_dir / "config.json").read_text())["params"]["r"] == t.params["r"]
+
+    # MLflow: one parent run, one child run per trial with curves and the adapter
+    db = sqlite3.connect(tmp_path / "storage" / "mlflow.db")
+    runs = dict(db.execute("select name, run_uuid from runs").fetchall())
+    assert set(runs) == {"tiny", "trial-0", "trial-1"}
+    steps = db.execute(
+        "select count(*) from metrics where key='train_loss' and run_uuid=?", (runs["trial-0"],)
+    ).fetchone()[0]
+    assert steps == 4
+    assert list((tmp_path / "storage" / "mlartifacts").rglob("adapter_model.safetensors"))
+
+    second = run_cli("run", "--study", "tiny", "--config", str(cfg), "--n-trials", "1")
+    assert second.returncode == 0, second.stderr[-3000:]
+    after = _trials(tmp_path)
+    assert len(after) == 3 and [t.values for t in after[:2]] == [t.values for t in trials]
+
+    status = run_cli("status", "--study", "tiny", "--config", str(cfg))
+    assert status.returncode == 0 and status.stdout.count("complete") == 3
+
+
+def test_pruned_trial_stops_early(tmp_path, tiny_model, shared_data):
+    # ThresholdPruner(upper=0) prunes at the first validation loss, deterministically
+    cfg = write_config(
+        tmp_path,
+        tiny_model,
+        shared_data,
+        extra='pruner = { name = "ThresholdPruner", upper = 0.0 }',
+    )
+    out = run_cli(
+        "run",
+        "--study",
+        "tiny",
+        "--config",
+        str(cfg),
+        "--n-trials",
+        "1",
+        "--set",
+        "train.max_steps=40",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    (trial,) = _trials(tmp_path)
+    assert trial.state.name == "PRUNED"
+    assert trial.user_attrs["last_val_loss"] > 0 and trial.user_attrs["steps"] == 2
+    mirror = _trials(tmp_path, "tiny--val-loss")[0]
+    assert mirror.state.name == "PRUNED" and list(mirror.intermediate_values) == [2]
+    assert not (tmp_path / "storage" / "trials" / "tiny" / "0" / "result.json").exists()
