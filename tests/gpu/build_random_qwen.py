@@ -2,7 +2,7 @@
 on weight values),
 with a chat tokenizer copied from `--tokenizer`.
 
-    python tests/gpu/build_random_qwen.py --shape 0.5B --tokenizer DIR --out /tmp/qwen2.5-0.5b-random
+    python tests/gpu/build_random_qwen.py --shape 0.5B --tokenizer DIR --out /tmp/qwen-0.5b
 """
 
 from __future__ import annotations
