@@ -11,6 +11,10 @@ from sweep.errors import ConfigError
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    if args.n_trials is not None and args.n_trials <= 0:
+        raise ConfigError(f"must be > 0 (got {args.n_trials})", "--n-trials")
+    if args.timeout is not None and args.timeout <= 0:
+        raise ConfigError(f"must be > 0 (got {args.timeout})", "--timeout")
     cfg = config.load(args.config, args.set, study=args.study)
     study.run(
         cfg,
@@ -64,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the running trial was stopped and marked failed", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -107,6 +107,7 @@ class Storage:
     mlflow: str
     artifacts: Path
     trials: Path
+    cache: Path  # converted models and other caches the trials make
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +123,7 @@ DEFAULT_STORAGE = {
     "mlflow": "sqlite:///storage/mlflow.db",
     "artifacts": "storage/mlartifacts",
     "trials": "storage/trials",
+    "cache": "data",
 }
 STUDY_KEYS = {
     "task",
@@ -382,6 +384,7 @@ def _storage(table: dict, root: Path) -> Storage:
         mlflow=resolve_url(merged["mlflow"], root),
         artifacts=_resolve(root, merged["artifacts"]),
         trials=_resolve(root, merged["trials"]),
+        cache=_resolve(root, merged["cache"]),
     )
 
 

@@ -13,7 +13,16 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "optuna", "mlflow")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "accelerate",
+    "optuna",
+    "mlflow",
+    "mlflow-skinny",
+)
 
 
 class Status(enum.StrEnum):

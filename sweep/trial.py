@@ -45,27 +45,44 @@ def run_one(
     trial.set_user_attr("mlflow_run_id", run_id)
     trial.set_user_attr("trial_dir", str(trial_dir))
 
-    last = {}
-
-    def on_event(event: dict) -> bool:  # noqa: E306 - closes over this trial's state
-        tracker.log_event(run_id, event)
-        if event["event"] != "eval":
-            return False
-        last.update(event)
-        mirror.report(event["val_loss"], event["step"])
-        return mirror.should_prune()
-
+    watch = Watch(tracker, run_id, mirror)
     proc = trial_process.launch(spec_path)
-    ended = trial_process.follow(
-        proc, trial_dir / "stdout.log", on_event, study_cfg.trial_timeout_s
-    )
-    result = outcome(ended, proc.returncode, trial_dir, last)
-    state = tell(trial, result, last)
+    try:
+        ended = trial_process.follow(
+            proc, trial_dir / "stdout.log", watch, study_cfg.trial_timeout_s
+        )
+    except BaseException:  # Ctrl-C or a crash of the sweep: the child must not live on
+        trial_process.stop(proc)
+        trial.study.tell(trial, state=TrialState.FAIL)
+        companion.tell(mirror, state=TrialState.FAIL)
+        tracker.client.set_terminated(run_id, status="KILLED")
+        raise
+    result = outcome(ended, proc.returncode, trial_dir, watch.last)
+    state = tell(trial, result)
     companion.tell(
         mirror, result.last_val_loss if state == TrialState.COMPLETE else None, state=state
     )
     tracker.finish_trial(run_id, result, trial_dir, MLFLOW_STATE[state])
     return state
+
+
+class Watch:
+    """Receives the child's progress events: curves to MLflow, validation losses to the pruner.
+
+    Called for every event; returns True when the trial should be pruned.
+    """
+
+    def __init__(self, tracker: Tracker, run_id: str, mirror: optuna.Trial):
+        self.tracker, self.run_id, self.mirror = tracker, run_id, mirror
+        self.last: dict = {}  # the latest validation event
+
+    def __call__(self, event: dict) -> bool:
+        self.tracker.log_event(self.run_id, event)
+        if event["event"] != "eval":
+            return False
+        self.last = event
+        self.mirror.report(event["val_loss"], event["step"])
+        return self.mirror.should_prune()
 
 
 def write_spec(cfg: Config, study_cfg: Study, params: dict, trial_dir: Path) -> Path:
@@ -79,7 +96,7 @@ def write_spec(cfg: Config, study_cfg: Study, params: dict, trial_dir: Path) -> 
         "train": dataclasses.asdict(study_cfg.train),
         "eval": dataclasses.asdict(study_cfg.eval),
         "data_dir": str(study_cfg.data.dir) if study_cfg.data.dir else None,
-        "cache_dir": str(cfg.path.parent / "data"),
+        "cache_dir": str(cfg.storage.cache),
         "out_dir": str(trial_dir),
     }
     resolved = {
@@ -115,7 +132,7 @@ def outcome(ended: str, returncode: int | None, trial_dir: Path, last: dict) -> 
     return TrialResult(Status.FAILED, error=error, last_val_loss=val, steps=last.get("step", 0))
 
 
-def tell(trial: optuna.Trial, result: TrialResult, last: dict) -> TrialState:
+def tell(trial: optuna.Trial, result: TrialResult) -> TrialState:
     """Values [metric, peak GiB] to Optuna; everything else as user attributes."""
     attrs = {
         "status": result.status.value,

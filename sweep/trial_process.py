@@ -48,7 +48,7 @@ def follow(
     reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True)
     reader.start()
     deadline = time.monotonic() + timeout_s if timeout_s else float("inf")
-    with log_path.open("w") as log:
+    with log_path.open("w", buffering=1) as log:  # line-buffered: `tail -f` works
         while True:
             try:
                 line = lines.get(timeout=0.5)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
 
 import optuna
 
-from tests.conftest import run_cli, write_config
+from tests.conftest import ROOT, run_cli, write_config
 
 
 def _trials(folder, name="tiny"):
@@ -77,3 +82,23 @@ def test_pruned_trial_stops_early(tmp_path, tiny_model, shared_data):
     mirror = _trials(tmp_path, "tiny--val-loss")[0]
     assert mirror.state.name == "PRUNED" and list(mirror.intermediate_values) == [2]
     assert not (tmp_path / "storage" / "trials" / "tiny" / "0" / "result.json").exists()
+
+
+def test_ctrl_c_stops_the_trial_process(tmp_path, tiny_model, shared_data):
+    cfg = write_config(tmp_path, tiny_model, shared_data)
+    cmd = [sys.executable, "-m", "sweep", "run", "--study", "tiny", "--config", str(cfg),
+           "--set", "train.max_steps=100000"]  # fmt: skip
+    sweep = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    spec = tmp_path / "storage" / "trials" / "tiny" / "0" / "spec.json"
+    log = spec.parent / "stdout.log"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and "SWEEP_PROGRESS" in log.read_text()):
+        assert time.monotonic() < deadline and sweep.poll() is None, sweep.stderr.read()
+        time.sleep(0.5)
+    sweep.send_signal(signal.SIGINT)
+    _, err = sweep.communicate(timeout=60)
+    assert sweep.returncode == 130 and err.strip().splitlines()[-1].startswith("interrupted")
+    alive = subprocess.run(["pgrep", "-f", str(spec)], capture_output=True, text=True).stdout
+    assert alive == ""
+    assert [t.state.name for t in _trials(tmp_path)] == ["FAIL"]
