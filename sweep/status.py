@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import optuna
 from rich.console import Console
 from rich.table import Table
@@ -45,6 +47,9 @@ def table(study: optuna.Study) -> Table:
         t.add_column(col, justify="left" if col in ("state", "model") else "right")
     for trial in study.trials:
         t.add_row(*row(trial))
+    folders = [tr.user_attrs["trial_dir"] for tr in study.trials if "trial_dir" in tr.user_attrs]
+    if folders:
+        t.caption = f"adapters, configs, results, logs: {Path(folders[0]).parent}/<#>/"
     return t
 
 

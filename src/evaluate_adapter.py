@@ -1,0 +1,40 @@
+"""Score a trained adapter again, e.g. a demo trial on the whole dev set instead of its subset.
+
+    python -m src.evaluate_adapter storage/trials/demo/2 --max-examples 0
+
+Reads the trial's spec.json (model, task, data, prompt) and its adapter/ folder; prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from peft import PeftModel
+
+from objectives import OBJECTIVES
+from src import models
+
+
+def evaluate(trial_dir: Path, max_examples: int) -> dict:
+    spec = json.loads((trial_dir / "spec.json").read_text())
+    m, train = spec["model"], spec["train"]
+    source = models.model_source(m["id"], m["path"], m["package"], m["gguf_file"],
+                                 Path(spec["cache_dir"]))  # fmt: skip
+    tokenizer = models.load_tokenizer(source, trust_remote_code=m["trust_remote_code"])
+    base = models.load_4bit_model(source, models.compute_dtype(train["compute_dtype"]),
+                                  trust_remote_code=m["trust_remote_code"])  # fmt: skip
+    model = PeftModel.from_pretrained(base, trial_dir / "adapter", use_safetensors=True)
+    objective = OBJECTIVES[spec["task"]]
+    data_dir = Path(spec["data_dir"]) if spec["data_dir"] else None
+    rows = objective.load(data_dir, 1, 1, max_examples, train["seed"], train["system_prompt"])[2]
+    return objective.evaluate(model, tokenizer, rows, spec["eval"]["batch_size"])
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("trial_dir", type=Path)
+    parser.add_argument("--max-examples", type=int, default=0, help="0 = the whole evaluation set")
+    args = parser.parse_args()
+    print(json.dumps(evaluate(args.trial_dir, args.max_examples)))
