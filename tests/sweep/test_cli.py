@@ -98,3 +98,14 @@ def test_sweep_process_never_imports_torch():
     code = "import sys, sweep.__main__, sweep.study, sweep.trial; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_model_package_not_installed(tmp_path, shared_data):
+    extra = '[models.ghost]\npackage = "no_such_package_xyz"\ngguf_file = "m.gguf"'
+    cfg = write_config(tmp_path, tmp_path, shared_data, extra=extra)
+    out = run_cli("run", "--config", str(cfg), "--study", "tiny", "--set", "models=['ghost']")
+    assert out.returncode == 2
+    assert (
+        "models.ghost.package: python package 'no_such_package_xyz' is not installed" in out.stderr
+    )
+    assert not (tmp_path / "storage").exists()
