@@ -129,3 +129,19 @@ def count_params(model) -> tuple[int, int]:
     """(trainable, total) parameters; 4-bit weights count as their logical element count."""
     trainable, total = model.get_nb_trainable_parameters()
     return int(trainable), int(total)
+
+
+def prepare_models(config_path: Path) -> None:
+    """Convert every package-shipped GGUF model of a config once (`make install` runs this)."""
+    from sweep.config import load
+
+    cfg = load(config_path)
+    for model in cfg.models.values():
+        if model.package and importlib.util.find_spec(model.package):
+            print(convert_gguf(model.package, model.gguf_file, cfg.storage.cache))
+
+
+if __name__ == "__main__":
+    import sys
+
+    prepare_models(Path(sys.argv[1] if len(sys.argv) > 1 else "sweep.toml"))
