@@ -51,7 +51,6 @@ def main(spec_path: Path) -> TrialResult:
         val_rows,
         train_cfg,
         params["lr"],
-        spec["eval"]["batch_size"],
         out_dir,
     )
     trainer.train()
@@ -118,7 +117,6 @@ def build_trainer(
     val_rows: list,
     train_cfg: dict,
     lr: float,
-    eval_batch_size: int,
     out_dir: Path,
 ) -> tuple[Trainer, ProgressCallback]:
     max_len = train_cfg["max_seq_len"]
@@ -129,7 +127,9 @@ def build_trainer(
         output_dir=str(out_dir / "hf"),
         max_steps=train_cfg["max_steps"],
         per_device_train_batch_size=train_cfg["batch_size"],
-        per_device_eval_batch_size=eval_batch_size,
+        # the validation loss runs at the training batch size: full-vocabulary logits of a
+        # larger batch would set the trial's peak memory, which is an objective
+        per_device_eval_batch_size=train_cfg["batch_size"],
         gradient_accumulation_steps=train_cfg["grad_accum"],
         learning_rate=lr,
         warmup_steps=train_cfg["warmup_ratio"],  # a float < 1 is a fraction of max_steps
