@@ -23,7 +23,7 @@ demo: install
 	$(BIN)/python -m sweep status --study demo
 
 test: install
-	$(BIN)/python -m pytest -m "not gpu" -q
+	$(BIN)/python -m pytest -m "not gpu" -q --durations=10
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not gpu and not integration" -q

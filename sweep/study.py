@@ -7,6 +7,7 @@ Same study name, same study: a second run resumes it and keeps every finished tr
 
 from __future__ import annotations
 
+import signal
 import time
 import warnings
 
@@ -14,7 +15,7 @@ import optuna
 from rich.console import Console
 
 from objectives import OBJECTIVES
-from sweep import checks
+from sweep import checks, trial_process
 from sweep.config import Config, Study
 from sweep.errors import ConfigError
 from sweep.space import suggest
@@ -49,14 +50,23 @@ def run(
         {"task": study_cfg.task, "metric": objective.METRIC},
     )
     started = time.monotonic()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, trial_process.on_signal)
     for _ in range(n_trials or study_cfg.n_trials):
         if timeout_s and time.monotonic() - started > timeout_s:
             break
+        if trial_process.INTERRUPT.is_set():
+            tracker.close("KILLED")
+            raise KeyboardInterrupt
         trial = study.ask()
         params = suggest(trial, study_cfg)
         console.print(f"[bold]trial {trial.number}[/] {params}")
         state = run_one(cfg, study_cfg, trial, params, companion, tracker)
         console.print(f"trial {trial.number} {state.name.lower()} {_summary(study, trial.number)}")
+        if trial_process.INTERRUPT.is_set():
+            tracker.close("KILLED")
+            raise KeyboardInterrupt  # after the trial was stored: __main__ prints one line
+    tracker.close("FINISHED")
 
 
 def open_study(study_cfg: Study, storage, objective) -> optuna.Study:

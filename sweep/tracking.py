@@ -27,6 +27,7 @@ class Tracker:
         else:
             self.experiment_id = experiment.experiment_id
         self.parent_id = self._parent_run(study, tags)
+        self.client.update_run(self.parent_id, status="RUNNING")  # a resumed study runs again
 
     def _parent_run(self, study: str, tags: dict[str, str]) -> str:
         found = self.client.search_runs(
@@ -38,6 +39,9 @@ class Tracker:
             self.experiment_id, run_name=study, tags={ROLE_TAG: "study", **tags}
         )
         return run.info.run_id
+
+    def close(self, status: str) -> None:
+        self.client.set_terminated(self.parent_id, status=status)
 
     def start_trial(self, number: int, params: dict, tags: dict[str, str]) -> str:
         run = self.client.create_run(

@@ -51,11 +51,8 @@ def run_one(
         ended = trial_process.follow(
             proc, trial_dir / "stdout.log", watch, study_cfg.trial_timeout_s
         )
-    except BaseException:  # Ctrl-C or a crash of the sweep: the child must not live on
+    except BaseException:  # a crash of the sweep itself: the child must not live on
         trial_process.stop(proc)
-        trial.study.tell(trial, state=TrialState.FAIL)
-        companion.tell(mirror, state=TrialState.FAIL)
-        tracker.client.set_terminated(run_id, status="KILLED")
         raise
     result = outcome(ended, proc.returncode, trial_dir, watch.last)
     state = tell(trial, result)
@@ -127,7 +124,7 @@ def outcome(ended: str, returncode: int | None, trial_dir: Path, last: dict) -> 
     val = last.get("val_loss")
     if ended == "stopped":
         return TrialResult(Status.PRUNED, last_val_loss=val, steps=last.get("step", 0))
-    reason = "timeout" if ended == "timeout" else f"crash (exit status {returncode})"
+    reason = ended if ended in ("timeout", "interrupted") else f"crash (exit status {returncode})"
     error = f"{reason}\n{trial_process.stderr_tail(trial_dir)}"
     return TrialResult(Status.FAILED, error=error, last_val_loss=val, steps=last.get("step", 0))
 

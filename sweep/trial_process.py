@@ -20,6 +20,12 @@ from pathlib import Path
 PREFIX = "SWEEP_PROGRESS "  # must match src/progress.py (which imports torch, so not shared)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 STOP_GRACE_S = 10.0
+INTERRUPT = threading.Event()  # set by SIGINT/SIGTERM (see sweep/study.py); checked twice a second
+
+
+def on_signal(signum, frame) -> None:
+    """Signal handler: no exception in the middle of a storage write, just a flag."""
+    INTERRUPT.set()
 
 
 def launch(spec_path: Path) -> subprocess.Popen:
@@ -42,7 +48,7 @@ def follow(
     """Stream `proc`'s progress events to `on_event` until it exits.
 
     `on_event` returns True to stop the trial (pruned). Returns why it ended: "exited",
-    "stopped" or "timeout".
+    "stopped", "timeout" or "interrupted".
     """
     lines: queue.Queue = queue.Queue()
     reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True)
@@ -50,6 +56,9 @@ def follow(
     deadline = time.monotonic() + timeout_s if timeout_s else float("inf")
     with log_path.open("w", buffering=1) as log:  # line-buffered: `tail -f` works
         while True:
+            if INTERRUPT.is_set():
+                stop(proc)
+                return "interrupted"
             try:
                 line = lines.get(timeout=0.5)
             except queue.Empty:

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from sweep.__main__ import main
 from tests.conftest import ROOT, run_cli, write_config
 
 
@@ -63,15 +64,22 @@ BAD = [
 
 
 @pytest.mark.parametrize(("args", "message"), BAD)
-def test_bad_input_exits_2_with_one_line(project, args, message):
+def test_bad_input_exits_2_with_one_line(project, args, message, capsys):
     folder, cfg = project
     before = _snapshot(folder)
-    out = run_cli("run", "--config", str(cfg), *(a.replace("{folder}", str(folder)) for a in args))
-    assert out.returncode == 2, out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], out.stderr
-    assert "Traceback" not in out.stderr
+    argv = ["run", "--config", str(cfg), *(a.replace("{folder}", str(folder)) for a in args)]
+    assert main(argv) == 2  # in-process: the same code path as the command, without its start-up
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
     assert _snapshot(folder) == before
+
+
+def test_bad_input_as_a_real_process(project):
+    folder, cfg = project
+    out = run_cli("run", "--config", str(cfg), "--study", "tiny", "--set", "space.r=[]")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == "error: studies.tiny.space.r: needs at least one value"
 
 
 def test_malformed_toml(project):
