@@ -6,6 +6,7 @@ its lines and its exit status, and can stop it (pruned, timed out, interrupted).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import queue
@@ -38,8 +39,18 @@ def launch(spec_path: Path) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=(trial_dir / "stderr.log").open("w"),
         text=True,
-        start_new_session=True,  # its own process group: stopped as a whole, never orphaned
+        start_new_session=True,  # its own process group: stopped as a whole
+        preexec_fn=_die_with_parent,
     )
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills the trial when the sweep dies, even by SIGKILL (no orphans)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux: Ctrl-C and the sweep's own stop() still apply
+        pass
 
 
 def follow(

@@ -92,13 +92,38 @@ def test_ctrl_c_stops_the_trial_process(tmp_path, tiny_model, shared_data):
                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
     spec = tmp_path / "storage" / "trials" / "tiny" / "0" / "spec.json"
     log = spec.parent / "stdout.log"
-    deadline = time.monotonic() + 120
-    while not (log.exists() and "SWEEP_PROGRESS" in log.read_text()):
-        assert time.monotonic() < deadline and sweep.poll() is None, sweep.stderr.read()
-        time.sleep(0.5)
-    sweep.send_signal(signal.SIGINT)
-    _, err = sweep.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 120
+        while not (log.exists() and "SWEEP_PROGRESS" in log.read_text()):
+            assert time.monotonic() < deadline and sweep.poll() is None, sweep.stderr.read()
+            time.sleep(0.5)
+        sweep.send_signal(signal.SIGINT)
+        _, err = sweep.communicate(timeout=60)
+    finally:  # a failing test must not leave a sweep or a trial training forever
+        sweep.kill()
+        subprocess.run(["pkill", "-9", "-f", str(spec)])
     assert sweep.returncode == 130 and err.strip().splitlines()[-1].startswith("interrupted")
     alive = subprocess.run(["pgrep", "-f", str(spec)], capture_output=True, text=True).stdout
     assert alive == ""
     assert [t.state.name for t in _trials(tmp_path)] == ["FAIL"]
+
+
+def test_killed_sweep_leaves_no_trial_process(tmp_path, tiny_model, shared_data):
+    cfg = write_config(tmp_path, tiny_model, shared_data)
+    cmd = [sys.executable, "-m", "sweep", "run", "--study", "tiny", "--config", str(cfg),
+           "--set", "train.max_steps=100000"]  # fmt: skip
+    sweep = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    spec = tmp_path / "storage" / "trials" / "tiny" / "0" / "spec.json"
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run(["pgrep", "-f", str(spec)], capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline and sweep.poll() is None
+            time.sleep(0.5)
+        sweep.kill()  # SIGKILL: no handler of ours runs
+        sweep.wait()
+        time.sleep(1)
+        alive = subprocess.run(["pgrep", "-f", str(spec)], capture_output=True, text=True).stdout
+        assert alive == ""
+    finally:
+        subprocess.run(["pkill", "-9", "-f", str(spec)])
