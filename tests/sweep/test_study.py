@@ -12,7 +12,7 @@ import time
 
 import optuna
 
-from tests.conftest import ROOT, run_cli, write_config
+from tests.conftest import ROOT, _pythonpath, run_cli, write_config
 
 
 def _trials(folder, name="tiny"):
@@ -84,13 +84,19 @@ def test_pruned_trial_stops_early(tmp_path, tiny_model, shared_data):
     assert not (tmp_path / "storage" / "trials" / "tiny" / "0" / "result.json").exists()
 
 
-def test_ctrl_c_stops_the_trial_process(tmp_path, tiny_model, shared_data):
+def _endless_sweep(tmp_path, tiny_model, shared_data) -> tuple[subprocess.Popen, object]:
+    """A sweep whose first trial trains until stopped; returns it and that trial's spec path."""
     cfg = write_config(tmp_path, tiny_model, shared_data)
     cmd = [sys.executable, "-m", "sweep", "run", "--study", "tiny", "--config", str(cfg),
            "--set", "train.max_steps=100000"]  # fmt: skip
-    sweep = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
-    spec = tmp_path / "storage" / "trials" / "tiny" / "0" / "spec.json"
+    env = {**os.environ, "PYTHONPATH": _pythonpath()}
+    pipe = subprocess.PIPE
+    sweep = subprocess.Popen(cmd, cwd=ROOT, stdout=pipe, stderr=pipe, text=True, env=env)
+    return sweep, tmp_path / "storage" / "trials" / "tiny" / "0" / "spec.json"
+
+
+def test_ctrl_c_stops_the_trial_process(tmp_path, tiny_model, shared_data):
+    sweep, spec = _endless_sweep(tmp_path, tiny_model, shared_data)
     log = spec.parent / "stdout.log"
     try:
         deadline = time.monotonic() + 120
@@ -109,12 +115,7 @@ def test_ctrl_c_stops_the_trial_process(tmp_path, tiny_model, shared_data):
 
 
 def test_killed_sweep_leaves_no_trial_process(tmp_path, tiny_model, shared_data):
-    cfg = write_config(tmp_path, tiny_model, shared_data)
-    cmd = [sys.executable, "-m", "sweep", "run", "--study", "tiny", "--config", str(cfg),
-           "--set", "train.max_steps=100000"]  # fmt: skip
-    sweep = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
-    spec = tmp_path / "storage" / "trials" / "tiny" / "0" / "spec.json"
+    sweep, spec = _endless_sweep(tmp_path, tiny_model, shared_data)
     try:
         deadline = time.monotonic() + 120
         while subprocess.run(["pgrep", "-f", str(spec)], capture_output=True).returncode != 0:
