@@ -19,12 +19,10 @@ from src import models
 
 def evaluate(trial_dir: Path, max_examples: int) -> dict:
     spec = json.loads((trial_dir / "spec.json").read_text())
-    m, train = spec["model"], spec["train"]
-    source = models.model_source(m["id"], m["path"], m["package"], m["gguf_file"],
-                                 Path(spec["cache_dir"]))  # fmt: skip
-    tokenizer = models.load_tokenizer(source, trust_remote_code=m["trust_remote_code"])
-    base = models.load_4bit_model(source, models.compute_dtype(train["compute_dtype"]),
-                                  trust_remote_code=m["trust_remote_code"])  # fmt: skip
+    train = spec["train"]
+    base, tokenizer, _ = models.load_base(
+        spec["model"], train["compute_dtype"], Path(spec["cache_dir"])
+    )
     model = PeftModel.from_pretrained(base, trial_dir / "adapter", use_safetensors=True)
     objective = OBJECTIVES[spec["task"]]
     data_dir = Path(spec["data_dir"]) if spec["data_dir"] else None

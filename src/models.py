@@ -87,6 +87,16 @@ def load_4bit_model(source: str, dtype: torch.dtype, trust_remote_code: bool = F
     return model
 
 
+def load_base(model_spec: dict, dtype_name: str, cache_dir: Path):
+    """(4-bit model, tokenizer, source) for a model entry as the trial's spec.json holds it."""
+    source = model_source(model_spec["id"], model_spec["path"], model_spec["package"],
+                          model_spec["gguf_file"], cache_dir)  # fmt: skip
+    trust = model_spec["trust_remote_code"]
+    tokenizer = load_tokenizer(source, trust_remote_code=trust)
+    model = load_4bit_model(source, compute_dtype(dtype_name), trust_remote_code=trust)
+    return model, tokenizer, source
+
+
 def keep_cpu_4bit_gradients_exact(model) -> int:
     """Stop bitsandbytes from repacking 4-bit weights for AVX512-BF16 CPUs.
 

@@ -87,17 +87,7 @@ def main(spec_path: Path) -> TrialResult:
 
 def setup(model_spec: dict, params: dict, train_cfg: dict, cache_dir: Path):
     """Base model in 4-bit NF4, then LoRA with the sampled rank, alpha and dropout."""
-    source = models.model_source(
-        model_spec["id"],
-        model_spec["path"],
-        model_spec["package"],
-        model_spec["gguf_file"],
-        cache_dir,
-    )
-    trust = model_spec["trust_remote_code"]
-    tokenizer = models.load_tokenizer(source, trust_remote_code=trust)
-    dtype = models.compute_dtype(train_cfg["compute_dtype"])
-    model = models.load_4bit_model(source, dtype, trust_remote_code=trust)
+    model, tokenizer, source = models.load_base(model_spec, train_cfg["compute_dtype"], cache_dir)
     model = models.add_lora(
         model,
         params["r"],
@@ -106,7 +96,11 @@ def setup(model_spec: dict, params: dict, train_cfg: dict, cache_dir: Path):
         train_cfg["target_modules"],
         train_cfg["gradient_checkpointing"],
     )
-    emit("model", source=source, dtype=str(dtype).removeprefix("torch."))
+    emit(
+        "model",
+        source=source,
+        dtype=str(models.compute_dtype(train_cfg["compute_dtype"])).removeprefix("torch."),
+    )
     return model, tokenizer
 
 
