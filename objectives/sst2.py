@@ -28,6 +28,7 @@ def load(
     eval_n: int,
     seed: int,
     system_prompt: str | None,
+    train_set: str | None = None,
 ) -> tuple[list[dict], list[dict], list[dict]]:
     """Train and validation come from SST-2 train; evaluation is the 872-sentence dev set."""
     train_rows, dev_rows = _read_local(data_dir) if data_dir else _read_hub()
@@ -70,10 +71,15 @@ def accuracy(choice_scores: list[list[float]], labels: list[int]) -> float:
     return right / len(labels)
 
 
-def evaluate(model, tokenizer, examples: list[dict], batch_size: int) -> dict[str, float]:
+def eval_set(data_dir: Path | None) -> str:
+    """What the study's metric is measured on, in words (shown in status and MLflow)."""
+    return "SST-2 dev (GLUE validation, 872 sentences)"
+
+
+def evaluate(model, tokenizer, examples: list[dict], settings: dict, out_dir: Path) -> dict:
     from src.scoring import choice_logprobs  # torch lives in the trial process only
 
-    scores = choice_logprobs(model, tokenizer, examples, batch_size)
+    scores = choice_logprobs(model, tokenizer, examples, settings["batch_size"])
     return {
         "accuracy": accuracy(scores, [e["label"] for e in examples]),
         "eval_examples": len(examples),

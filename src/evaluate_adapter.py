@@ -3,6 +3,7 @@
     python -m src.evaluate_adapter storage/trials/demo/2 --max-examples 0
 
 Reads the trial's spec.json (model, task, data, prompt) and its adapter/ folder; prints JSON.
+Files the objective writes (predictions, model outputs) go to <trial>/reevaluated/.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from peft import PeftModel
 
 from objectives import OBJECTIVES
 from src import models
+from src.train_qlora import eval_settings
 
 
 def evaluate(trial_dir: Path, max_examples: int) -> dict:
@@ -26,8 +28,12 @@ def evaluate(trial_dir: Path, max_examples: int) -> dict:
     model = PeftModel.from_pretrained(base, trial_dir / "adapter", use_safetensors=True)
     objective = OBJECTIVES[spec["task"]]
     data_dir = Path(spec["data_dir"]) if spec["data_dir"] else None
-    rows = objective.load(data_dir, 1, 1, max_examples, train["seed"], train["system_prompt"])[2]
-    return objective.evaluate(model, tokenizer, rows, spec["eval"]["batch_size"])
+    rows = objective.load(
+        data_dir, 1, 1, max_examples, train["seed"], train["system_prompt"], spec.get("train_set")
+    )[2]
+    out_dir = trial_dir / "reevaluated"
+    out_dir.mkdir(exist_ok=True)
+    return objective.evaluate(model, tokenizer, rows, eval_settings(spec), out_dir)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ def main(spec_path: Path) -> TrialResult:
         spec["eval"]["max_examples"],
         train_cfg["seed"],
         train_cfg["system_prompt"],
+        spec.get("train_set"),
     )
     emit("data", train=len(train_rows), val=len(val_rows), eval=len(eval_rows))
 
@@ -55,7 +56,7 @@ def main(spec_path: Path) -> TrialResult:
     )
     trainer.train()
     emit("evaluating", examples=len(eval_rows))
-    metrics = objective.evaluate(model, tokenizer, eval_rows, spec["eval"]["batch_size"])
+    metrics = objective.evaluate(model, tokenizer, eval_rows, eval_settings(spec), out_dir)
     model.save_pretrained(out_dir / "adapter")  # adapter weights only, safetensors
     tokenizer.save_pretrained(out_dir / "adapter")
 
@@ -83,6 +84,16 @@ def main(spec_path: Path) -> TrialResult:
     )
     result.save(out_dir / "result.json")
     return result
+
+
+def eval_settings(spec: dict) -> dict:
+    """The [eval] table plus what objectives that judge or cache need from the spec."""
+    return {
+        **spec["eval"],
+        "data_dir": spec["data_dir"],
+        "cache_dir": spec["cache_dir"],
+        "judge_model": spec.get("judge_model"),
+    }
 
 
 def setup(model_spec: dict, params: dict, train_cfg: dict, cache_dir: Path):

@@ -39,6 +39,11 @@ def before_run(cfg: Config, study: Study, storage_url: str | None) -> None:
             raise ConfigError(
                 f"no model at {model.path} (config.json missing)", f"models.{alias}.path"
             )
+    judge = study.eval.judge
+    if judge["name"] == "local" and judge.get("model") and judge["model"] not in cfg.models:
+        raise unknown("model alias", judge["model"], cfg.models, f"{key}.eval.judge.model")
+    if study.data.dir is not None and study.data.train_set is not None:
+        check_data_dir(study.data.dir, (study.data.train_set,), f"{key}.data.train_set")
     url = storage_url or cfg.storage.optuna
     check_storage_url(url)
     for path in (cfg.storage.trials, cfg.storage.artifacts, _sqlite_path(cfg.storage.mlflow)):

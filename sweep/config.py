@@ -69,11 +69,19 @@ class Train:
 class Eval:
     max_examples: int = 0  # evaluation examples (0 = the whole evaluation set)
     batch_size: int = 32
+    max_new_tokens: int = 32  # generated answer length bound (squad, alpacaeval)
+    # alpacaeval: who compares the model's outputs with the reference outputs.
+    # {name = "local"} the trial's base model (adapter off) or {name = "local", model = ALIAS};
+    # {name = "openai", base_url = ..., model = ..., api_key_env = "OPENAI_API_KEY"};
+    # {name = "package.module:function", ...} your own (see objectives/judges.py).
+    judge: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "local"})
 
 
 @dataclasses.dataclass(frozen=True)
 class Data:
     dir: Path | None = None  # local folder in the layout of shared/data; None = the model hub
+    # alpacaeval's instruction-tuning set: a file inside `dir`, or a hub dataset id without it
+    train_set: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,11 +320,14 @@ def _component(table: dict, key: str) -> Component:
 
 def _data(table: dict, root: Path, key: str) -> Data:
     _check_type(table, dict, key)
-    _check_keys(table, {"dir"}, key)
+    _check_keys(table, {"dir", "train_set"}, key)
+    train_set = table.get("train_set")
+    if train_set is not None:
+        _check_type(train_set, str, f"{key}.train_set")
     value = table.get("dir") or os.environ.get(DATA_DIR_ENV)
     if value is None:
-        return Data()
-    return Data(_resolve(root, _check_type(value, str, f"{key}.dir")))
+        return Data(None, train_set)
+    return Data(_resolve(root, _check_type(value, str, f"{key}.dir")), train_set)
 
 
 def _resolve(root: Path, value: str) -> Path:
@@ -353,6 +364,7 @@ def _check_values(study: Study, key: str) -> None:
         "train.max_seq_len": train.max_seq_len,
         "train.val_examples": train.val_examples,
         "eval.batch_size": study.eval.batch_size,
+        "eval.max_new_tokens": study.eval.max_new_tokens,
     }
     for name, value in positive.items():
         if value <= 0:
@@ -364,6 +376,9 @@ def _check_values(study: Study, key: str) -> None:
     }.items():
         if value < 0:
             raise ConfigError(f"must be >= 0 (got {value})", f"{key}.{name}")
+    _check_judge(study.eval.judge, f"{key}.eval.judge")
+    if study.data.train_set is not None and study.task != "alpacaeval":
+        raise ConfigError("only the alpacaeval task reads a train_set", f"{key}.data.train_set")
     if train.compute_dtype not in ("auto", "bfloat16", "float16", "float32"):
         raise unknown(
             "dtype",
@@ -371,6 +386,22 @@ def _check_values(study: Study, key: str) -> None:
             ("auto", "bfloat16", "float16", "float32"),
             f"{key}.train.compute_dtype",
         )
+
+
+JUDGES = ("local", "openai")  # or "package.module:function"
+
+
+def _check_judge(judge: dict, key: str) -> None:
+    name = judge.get("name")
+    if not isinstance(name, str):
+        raise ConfigError("missing name: local, openai or package.module:function", f"{key}.name")
+    if name not in JUDGES and ":" not in name:
+        raise unknown("judge", name, JUDGES, f"{key}.name")
+    allowed = {"local": {"name", "model"}, "openai": {"name", "base_url", "model", "api_key_env"}}
+    if name in allowed:
+        _check_keys(judge, allowed[name], key)
+    if name == "openai" and not judge.get("model"):
+        raise ConfigError("the openai judge needs model (e.g. gpt-4-1106-preview)", f"{key}.model")
 
 
 def _storage(table: dict, root: Path) -> Storage:

@@ -48,8 +48,17 @@ def table(study: optuna.Study) -> Table:
     for trial in study.trials:
         t.add_row(*row(trial))
     folders = [tr.user_attrs["trial_dir"] for tr in study.trials if "trial_dir" in tr.user_attrs]
+    notes = (
+        [f"{metric} measured on: {study.user_attrs['eval_set']}"]
+        if "eval_set" in (study.user_attrs)
+        else []
+    )
     if folders:
-        t.caption = f"adapters, configs, results, logs: {Path(folders[0]).parent}/<#>/"
+        notes.append(f"adapters, configs, results, logs: {Path(folders[0]).parent}/<#>/")
+    fallbacks = [tr.number for tr in study.trials if "objective_fallback" in tr.user_attrs]
+    if fallbacks:
+        notes.append(f"trials {fallbacks}: judge unreachable, value = -validation loss")
+    t.caption = "\n".join(notes) or None
     return t
 
 

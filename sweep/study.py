@@ -47,7 +47,11 @@ def run(
         cfg.storage.mlflow,
         cfg.storage.artifacts,
         study_cfg.name,
-        {"task": study_cfg.task, "metric": objective.METRIC},
+        {
+            "task": study_cfg.task,
+            "metric": objective.METRIC,
+            "eval_set": objective.eval_set(study_cfg.data.dir),
+        },
     )
     started = time.monotonic()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -81,6 +85,7 @@ def open_study(study_cfg: Study, storage, objective) -> optuna.Study:
         )
         study.set_user_attr("task", study_cfg.task)
         study.set_user_attr("metric", objective.METRIC)
+        study.set_user_attr("eval_set", objective.eval_set(study_cfg.data.dir))
         with warnings.catch_warnings():  # experimental since Optuna 3.2, still the only way
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([objective.METRIC, "peak_memory_gib"])

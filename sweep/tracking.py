@@ -14,6 +14,16 @@ from mlflow.tracking import MlflowClient
 from sweep.results import TrialResult
 
 ROLE_TAG = "sweep.role"
+# what a trial folder holds besides the adapter: its config, result, error output, and what
+# the objective wrote (SQuAD predictions; AlpacaEval model outputs and judge annotations)
+TRIAL_FILES = (
+    "config.json",
+    "result.json",
+    "stderr.log",
+    "predictions.json",
+    "model_outputs.json",
+    "annotations.json",
+)
 
 
 class Tracker:
@@ -61,7 +71,11 @@ class Tracker:
             self.client.log_metric(run_id, "val_loss", event["val_loss"], step=event["step"])
 
     def finish_trial(self, run_id: str, result: TrialResult, trial_dir: Path, state: str) -> None:
-        metrics = {k: float(v) for k, v in result.metrics.items()}
+        numbers = (int, float)
+        metrics = {k: v for k, v in result.metrics.items() if isinstance(v, numbers)}
+        for key, value in result.metrics.items():
+            if isinstance(value, str):  # e.g. why a judge could not be reached
+                self.client.set_tag(run_id, key, value[:5000])
         metrics |= {
             "peak_memory_gib": result.peak_memory_gib,
             "train_tokens_per_s": result.train_tokens_per_s,
@@ -74,7 +88,7 @@ class Tracker:
             if value is not None:
                 self.client.log_metric(run_id, key, value)
         self.client.set_tag(run_id, "memory_kind", result.memory_kind)
-        for name in ("config.json", "result.json", "stderr.log"):
+        for name in TRIAL_FILES:
             if (trial_dir / name).exists():
                 self.client.log_artifact(run_id, str(trial_dir / name))
         if (trial_dir / "adapter").is_dir():

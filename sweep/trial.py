@@ -88,31 +88,36 @@ def write_spec(cfg: Config, study_cfg: Study, params: dict, trial_dir: Path) -> 
     spec = {
         "study": study_cfg.name,
         "task": study_cfg.task,
-        "model": _jsonable(dataclasses.asdict(model)),
+        "model": jsonable(dataclasses.asdict(model)),
         "params": params,
         "train": dataclasses.asdict(study_cfg.train),
         "eval": dataclasses.asdict(study_cfg.eval),
         "data_dir": str(study_cfg.data.dir) if study_cfg.data.dir else None,
+        "train_set": study_cfg.data.train_set,
         "cache_dir": str(cfg.storage.cache),
         "out_dir": str(trial_dir),
     }
+    judge = study_cfg.eval.judge
+    judge_alias = judge.get("model") if judge["name"] == "local" else None
+    if judge_alias:
+        spec["judge_model"] = jsonable(dataclasses.asdict(cfg.models[judge_alias]))
     resolved = {
         "config_file": str(cfg.path),
         "storage": dataclasses.asdict(cfg.storage),
         "study": dataclasses.asdict(study_cfg),
         "params": params,
     }
-    (trial_dir / "config.json").write_text(json.dumps(_jsonable(resolved), indent=2))
+    (trial_dir / "config.json").write_text(json.dumps(jsonable(resolved), indent=2))
     path = trial_dir / "spec.json"
     path.write_text(json.dumps(spec, indent=2))
     return path
 
 
-def _jsonable(value):
+def jsonable(value):
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return str(value) if isinstance(value, Path) else value
 
 
@@ -155,6 +160,12 @@ def tell(trial: optuna.Trial, result: TrialResult) -> TrialState:
     study = trial.study
     if result.status == Status.SUCCESS:
         metric = result.metrics[study.user_attrs["metric"]]
+        if metric is None:  # e.g. no AlpacaEval judge reachable: never a silent substitute
+            metric = -result.last_val_loss
+            trial.set_user_attr(
+                "objective_fallback",
+                f"-validation loss ({result.metrics.get('judge_error', 'metric missing')})",
+            )
         study.tell(trial, [metric, result.peak_memory_gib])
         return TrialState.COMPLETE
     state = TrialState.PRUNED if result.status == Status.PRUNED else TrialState.FAIL
