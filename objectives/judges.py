@@ -37,9 +37,10 @@ def judge_messages(instruction: str, first: str, second: str) -> list[dict[str, 
     """AlpacaEval's classification prompt, split into chat turns (it is written in ChatML)."""
     # read the file without importing alpaca_eval (its import needs pkg_resources and more)
     text = importlib.metadata.distribution("alpaca-eval").locate_file(TEMPLATE).read_text()
-    # str.format would trip over the template's literal braces: replace the three fields only
-    for key, value in (("instruction", instruction), ("output_1", first), ("output_2", second)):
-        text = text.replace("{" + key + "}", value)
+    # str.format would trip over the template's literal braces: fill the three fields in one
+    # pass, so braces inside an answer are left alone
+    fields = {"instruction": instruction, "output_1": first, "output_2": second}
+    text = re.sub(r"\{(instruction|output_1|output_2)\}", lambda m: fields[m.group(1)], text)
     turns = re.findall(r"<\|im_start\|>(\w+)\n(.*?)\n?<\|im_end\|>", text, flags=re.S)
     return [{"role": role, "content": content.strip()} for role, content in turns]
 
@@ -89,7 +90,7 @@ def openai_judge(
                 logprobs=True,
                 top_logprobs=5,
             )
-        except (openai.APIConnectionError, openai.AuthenticationError, openai.NotFoundError) as e:
+        except openai.APIError as e:  # unreachable, refused, unknown model, out of quota
             raise JudgeUnavailable(f"{type(e).__name__}: {e}") from None
         top = {t.token: t.logprob for t in reply.choices[0].logprobs.content[0].top_logprobs}
         if not set(LABELS) & set(top):

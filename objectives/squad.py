@@ -5,7 +5,7 @@ greedy generation (bounded length), first line stripped, scored with the officia
 match and F1 (max over all gold answers, official normalisation), in percent.
 
 Offline there is no training set (shared/data has the dev set only), so the dev set is split
-*by article*: the articles at file positions 3, 7, 11, ... (every fourth, 12 of 48, 2,260 of
+*by article*: the articles at file positions 3, 7, 11, ... (every fourth, 12 of 48, 2,777 of
 10,570 questions) are the held-out evaluation part, the other 36 articles train. No article is
 in both. The number is then "F1 on 12 held-out dev articles", never the official dev score;
 EVAL_SET says so in the study's attributes, MLflow and `status`.
@@ -40,7 +40,7 @@ def eval_set(data_dir: Path | None) -> str:
         return "SQuAD v1.1 validation split (hub), official dev questions"
     return (
         f"SQuAD v1.1 dev split by article: every {HELD_OUT_EVERY}th article held out "
-        f"(12 of 48, not the official dev score); the other 36 train"
+        f"(12 of 48, 2,777 questions; not the official dev score); the other 36 train"
     )
 
 

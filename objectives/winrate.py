@@ -201,3 +201,50 @@ def _log_sigmoid(z: np.ndarray) -> np.ndarray:
 
 def _soft_log_loss(z: np.ndarray, y: np.ndarray) -> float:
     return float(-np.mean(y * _log_sigmoid(z) + (1 - y) * _log_sigmoid(-z)))
+
+
+def leaderboard_check(data_dir: Path) -> str:
+    """Markdown table: these metrics from the published annotations vs the leaderboard CSV.
+
+    python -m objectives.winrate ../shared/data
+    """
+    import csv
+    import statistics
+
+    from objectives.alpacaeval import ANNOTATION_POOL, difficulty
+
+    board_csv = "alpacaeval/leaderboards/weighted_alpaca_eval_gpt4_turbo_leaderboard.csv"
+    with open(data_dir / board_csv, newline="") as f:
+        board = {row[""]: row for row in csv.DictReader(f)}
+    gamma = difficulty(data_dir, None)
+    lines = [
+        "| model | win rate | leaderboard | LC win rate | leaderboard LC | LC deviation |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    deviations = []
+    for path in sorted((data_dir / ANNOTATION_POOL).glob("*.json*")):
+        name = path.name.split(".json")[0]
+        if name not in board or not board[name]["length_controlled_winrate"]:
+            continue
+        rows = read_annotations(path)
+        wr = win_rate(rows)["win_rate"]
+        lc = length_controlled(rows, gamma)["length_controlled_winrate"]
+        lc_board = float(board[name]["length_controlled_winrate"])
+        deviations.append(lc - lc_board)
+        lines.append(
+            f"| {name} | {wr:.2f} | {float(board[name]['win_rate']):.2f} | {lc:.2f} | "
+            f"{lc_board:.2f} | {lc - lc_board:+.2f} |"
+        )
+    size = [abs(d) for d in deviations]
+    lines.append(
+        f"\n{len(size)} models: |LC deviation| median {statistics.median(size):.2f}, "
+        f"mean {statistics.mean(size):.2f}, max {max(size):.2f}; "
+        f"within 1 point: {sum(s <= 1 for s in size)}, within 2: {sum(s <= 2 for s in size)}"
+    )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(leaderboard_check(Path(sys.argv[1])))

@@ -44,3 +44,52 @@ def local_judge(model, tokenizer, records: list[dict], batch_size: int) -> list[
         model_first = judges.preference_from_logprobs(*scores[2 * k + 1], swapped=True)
         out.append((reference_first + model_first) / 2)
     return out
+
+
+def agreement(model_spec: dict, cache_dir: Path, annotation_file: Path, n: int, seed: int) -> dict:
+    """How often the local judge agrees with a file's (GPT-4-turbo) preferences.
+
+    python -m src.judge smollm2-135m ANNOTATIONS.json.xz --n 40
+    """
+    import random
+
+    from objectives import winrate
+    from src import models
+
+    rows = [r for r in winrate.read_annotations(annotation_file) if r.get("preference")]
+    rows = random.Random(seed).sample(rows, min(n, len(rows)))
+    model, tokenizer, _ = models.load_base(model_spec, "auto", cache_dir)
+    ours = local_judge(model, tokenizer, rows, batch_size=4)
+    theirs = [float(r["preference"]) for r in rows]
+    decided = [(a, b) for a, b in zip(ours, theirs, strict=True) if b != 1.5]
+    same_side = sum((a > 1.5) == (b > 1.5) for a, b in decided)
+    return {
+        "n": len(rows),
+        "agreement": same_side / len(decided),
+        "judge_mean_preference": sum(ours) / len(ours),
+        "judge_min": min(ours),
+        "judge_max": max(ours),
+        "reference_win_rate": 100 * sum(t - 1 for t in theirs) / len(theirs),
+        "majority_baseline": max(sum(b > 1.5 for _, b in decided), sum(b < 1.5 for _, b in decided))
+        / len(decided),
+    }
+
+
+if __name__ == "__main__":
+    import argparse
+    import dataclasses
+    import json
+
+    from sweep import config
+    from sweep.trial import jsonable
+
+    parser = argparse.ArgumentParser(description=agreement.__doc__)
+    parser.add_argument("model", help="model alias in sweep.toml")
+    parser.add_argument("annotations", type=Path)
+    parser.add_argument("--n", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", type=Path, default=Path("sweep.toml"))
+    args = parser.parse_args()
+    cfg = config.load(args.config)
+    spec = jsonable(dataclasses.asdict(cfg.models[args.model]))
+    print(json.dumps(agreement(spec, cfg.storage.cache, args.annotations, args.n, args.seed)))

@@ -79,25 +79,33 @@ def judge_outputs(
     """Model outputs → annotations against the reference outputs, judged by `judge`."""
     from objectives import judges
 
+    if judge not in ("local", "openai") and ":" not in judge:
+        raise ConfigError(f"unknown judge {judge!r}: local, openai or package.module:function")
     check_fields(rows, OUTPUT_FIELDS, "FILE")
     references = {r["instruction"]: r["output"] for r in alpacaeval.read_references(data_dir)}
     unknown = [r["instruction"] for r in rows if r["instruction"] not in references]
     if unknown:
         raise ConfigError(f"{len(unknown)} instructions are not AlpacaEval's: {unknown[0]!r}")
     records = alpacaeval.pair_records(rows, references)
-    if judge == "local":
-        prefs = _local(records, judge_model, cfg)
-    elif judge == "openai":
-        settings = {
-            "model": os.environ.get("SWEEP_JUDGE_MODEL", "gpt-4-1106-preview"),
-            "base_url": os.environ.get("SWEEP_JUDGE_BASE_URL"),
-        }
-        prefs = judges.openai_judge(records, **settings)
-    elif ":" in judge:
-        prefs = judges.plugged_in(judge)(records)
-    else:
-        raise ConfigError(f"unknown judge {judge!r}: local, openai or pkg.module:function")
+    try:
+        prefs = _judge(records, judge, judge_model, cfg)
+    except judges.JudgeUnavailable as err:
+        raise ConfigError(f"judge {judge!r} unavailable: {err}", "--judge") from None
     return judges.annotate(records, prefs, judge)
+
+
+def _judge(records: list[dict], judge: str, judge_model: str | None, cfg: Config | None) -> list:
+    from objectives import judges
+
+    if judge == "local":
+        return _local(records, judge_model, cfg)
+    if judge == "openai":  # endpoint and model from the environment, like the key
+        return judges.openai_judge(
+            records,
+            model=os.environ.get("SWEEP_JUDGE_MODEL", "gpt-4-1106-preview"),
+            base_url=os.environ.get("SWEEP_JUDGE_BASE_URL"),
+        )
+    return judges.plugged_in(judge)(records)
 
 
 def _local(records: list[dict], alias: str | None, cfg: Config | None) -> list[float]:

@@ -128,3 +128,72 @@ def test_killed_sweep_leaves_no_trial_process(tmp_path, tiny_model, shared_data)
         assert alive == ""
     finally:
         subprocess.run(["pkill", "-9", "-f", str(spec)])
+
+
+def _task_config(tmp_path, tiny_model, shared_data, task: str, eval_table: str):
+    cfg = write_config(tmp_path, tiny_model, shared_data)
+    text = cfg.read_text().replace('task = "sst2"', f'task = "{task}"')
+    text = text.replace("eval = { max_examples = 16, batch_size = 16 }", f"eval = {eval_table}")
+    cfg.write_text(text.replace("max_seq_len = 64", "max_seq_len = 256"))
+    return cfg
+
+
+def test_squad_study_scores_generated_answers(tmp_path, tiny_model, shared_data):
+    cfg = _task_config(
+        tmp_path, tiny_model, shared_data, "squad", "{ max_examples = 8, max_new_tokens = 4 }"
+    )
+    out = run_cli("run", "--study", "tiny", "--config", str(cfg), "--n-trials", "1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    (trial,) = _trials(tmp_path)
+    metrics = trial.user_attrs["metrics"]
+    assert trial.state.name == "COMPLETE" and trial.values[0] == metrics["f1"]
+    assert 0 <= metrics["exact_match"] <= metrics["f1"] <= 100
+    preds = json.loads((tmp_path / "storage/trials/tiny/0/predictions.json").read_text())
+    assert len(preds) == 8  # official format {question_id: answer}, re-scorable by `score`
+    status = run_cli("status", "--study", "tiny", "--config", str(cfg))
+    assert "split by article" in status.stdout  # nobody mistakes it for the official dev F1
+
+
+def test_alpacaeval_study_falls_back_to_val_loss_without_a_judge(tmp_path, tiny_model, shared_data):
+    judge = '{ name = "openai", model = "gpt-4-1106-preview", api_key_env = "SWEEP_NO_KEY" }'
+    cfg = _task_config(
+        tmp_path,
+        tiny_model,
+        shared_data,
+        "alpacaeval",
+        f"{{ max_examples = 4, max_new_tokens = 4, judge = {judge} }}",
+    )
+    out = run_cli("run", "--study", "tiny", "--config", str(cfg), "--n-trials", "1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    (trial,) = _trials(tmp_path)
+    assert trial.state.name == "COMPLETE"
+    assert trial.values[0] == -trial.user_attrs["last_val_loss"]
+    assert "SWEEP_NO_KEY is not set" in trial.user_attrs["objective_fallback"]
+    outputs = json.loads((tmp_path / "storage/trials/tiny/0/model_outputs.json").read_text())
+    assert len(outputs) == 4 and set(outputs[0]) == {
+        "instruction",
+        "output",
+        "generator",
+        "dataset",
+    }
+    status = run_cli("status", "--study", "tiny", "--config", str(cfg))
+    assert "judge unreachable" in status.stdout
+
+
+def test_alpacaeval_study_with_the_local_judge(tmp_path, tiny_model, shared_data):
+    cfg = _task_config(
+        tmp_path,
+        tiny_model,
+        shared_data,
+        "alpacaeval",
+        '{ max_examples = 10, max_new_tokens = 4, judge = { name = "local" } }',
+    )
+    out = run_cli("run", "--study", "tiny", "--config", str(cfg), "--n-trials", "1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    (trial,) = _trials(tmp_path)
+    metrics = trial.user_attrs["metrics"]
+    assert trial.values[0] == metrics["win_rate"] and 0 <= metrics["win_rate"] <= 100
+    assert metrics["n_total"] == 10 and "length_controlled_winrate" in metrics
+    annotations = json.loads((tmp_path / "storage/trials/tiny/0/annotations.json").read_text())
+    assert {a["generator_1"] for a in annotations} == {"gpt4_1106_preview"}
+    assert all(1 <= a["preference"] <= 2 for a in annotations)

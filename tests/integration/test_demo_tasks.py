@@ -1,0 +1,59 @@
+"""SQuAD and AlpacaEval demo studies as a user runs them: the embedded SmolLM2-135M, offline.
+
+One trial each, at the demo's settings with a smaller evaluation (CI time); the full demos
+(`python -m sweep run --study demo-squad` / `demo-alpacaeval`) are timed in docs/objectives.md.
+"""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+
+from tests.conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.integration
+
+
+def _run(tmp_path, shared_data, study: str, *overrides: str) -> optuna.trial.FrozenTrial:
+    toml = (ROOT / "sweep.toml").read_text()
+    toml = toml.replace('data = { dir = "../shared/data" }', f'data = {{ dir = "{shared_data}" }}')
+    toml = toml.replace('cache = "data"', f'cache = "{ROOT / "data"}"')  # reuse the converted model
+    (tmp_path / "sweep.toml").write_text(toml)
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    cfg = str(tmp_path / "sweep.toml")
+    out = run_cli("run", "--study", study, "--config", cfg, "--n-trials", "1", *sets)
+    assert out.returncode == 0, out.stderr[-3000:]
+    storage = f"sqlite:///{tmp_path}/storage/optuna.db"
+    (trial,) = optuna.load_study(study_name=study, storage=storage).trials
+    assert trial.state.name == "COMPLETE", trial.user_attrs.get("error")
+    return trial
+
+
+def test_demo_squad(tmp_path, shared_data, embedded_model):
+    trial = _run(tmp_path, shared_data, "demo-squad", "eval.max_examples=32")
+    metrics = trial.user_attrs["metrics"]
+    assert metrics["eval_examples"] == 32
+    # zero-shot the model copies a span now and then; after 12 steps it must answer some
+    assert metrics["f1"] > 10, metrics
+    out = run_cli(
+        "score",
+        "squad",
+        str(tmp_path / "storage/trials/demo-squad/0/predictions.json"),
+        "--data",
+        str(shared_data),
+    )
+    rescored = json.loads(out.stdout)
+    # the same predictions scored against the whole dev set: the 32 answered, the rest 0
+    assert rescored["answered"] == 32
+    assert rescored["f1"] == pytest.approx(metrics["f1"] * 32 / 10570, rel=1e-9)
+
+
+def test_demo_alpacaeval(tmp_path, shared_data, embedded_model):
+    trial = _run(tmp_path, shared_data, "demo-alpacaeval", "eval.max_examples=10")
+    metrics = trial.user_attrs["metrics"]
+    assert metrics["n_total"] == 10 and 0 <= metrics["win_rate"] <= 100
+    annotations = tmp_path / "storage/trials/demo-alpacaeval/0/annotations.json"
+    out = run_cli("score", "alpacaeval", str(annotations), "--data", str(shared_data))
+    assert json.loads(out.stdout)["win_rate"] == pytest.approx(metrics["win_rate"])
