@@ -95,8 +95,8 @@ def difficulty(data_dir: Path | None, cache_dir: Path | None) -> dict[str, float
         from huggingface_hub import hf_hub_download
 
         path = hf_hub_download(HUB_EVAL[0], "instruction_difficulty.csv", repo_type="dataset")
-        with open(path, newline="") as f:
-            values = [float(r["instruction_difficulty"]) for r in csv.DictReader(f)]
+        with open(path, newline="") as f:  # an index column, then the difficulty (row order)
+            values = [float(row[-1]) for row in list(csv.reader(f))[1:]]
         return {r["instruction"]: v for r, v in zip(read_references(None), values, strict=True)}
     files = sorted((data_dir / ANNOTATION_POOL).glob("*.json*"))
     cached = cache_dir / "alpacaeval-difficulty.json" if cache_dir else None

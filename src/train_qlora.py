@@ -25,12 +25,58 @@ from sweep.results import Status, TrialResult, git_state, package_versions
 
 
 def main(spec_path: Path) -> TrialResult:
+    """Train and evaluate; out of memory ends the trial as INFEASIBLE with the memory reached."""
     spec = json.loads(Path(spec_path).read_text())
-    out_dir, train_cfg, params = Path(spec["out_dir"]), spec["train"], spec["params"]
     started = time.perf_counter()
-    set_seed(train_cfg["seed"])
+    cap_memory(spec.get("vram_budget_gb", 0.0))
     memory = PeakMemory()
+    try:
+        return train_and_evaluate(spec, memory, started)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+        if not is_out_of_memory(err):
+            raise
+        peak, kind, nvml = memory.read()
+        emit("oom", peak_gib=peak)
+        result = TrialResult(
+            status=Status.INFEASIBLE,
+            error=f"oom: {type(err).__name__}: {str(err)[:500]}",
+            peak_memory_gib=peak,
+            memory_kind=kind,
+            nvml_peak_gib=nvml,
+            wall_seconds=time.perf_counter() - started,
+            device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            versions=package_versions(),
+        )
+        result.save(Path(spec["out_dir"]) / "result.json")
+        return result
 
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA OOM, Python's MemoryError, or the CPU allocator failing (a RuntimeError)."""
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return "can't allocate memory" in str(err) or "out of memory" in str(err).lower()
+
+
+def cap_memory(budget_gib: float) -> None:
+    """On a GPU larger than the budget, let this process use only the budget.
+
+    A trial that would not fit on the budget card (24 GB by default) then runs out of memory
+    here too, instead of looking fine on an H200. The CPU has no such cap: there the budget is
+    checked against the measured peak after the trial (sweep/trial.py).
+    """
+    if not budget_gib or not torch.cuda.is_available():
+        return
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    fraction = budget_gib * 1024**3 / total
+    if fraction < 1:
+        torch.cuda.set_per_process_memory_fraction(fraction)
+        emit("memory_cap", budget_gib=budget_gib, fraction=round(fraction, 4))
+
+
+def train_and_evaluate(spec: dict, memory: PeakMemory, started: float) -> TrialResult:
+    out_dir, train_cfg, params = Path(spec["out_dir"]), spec["train"], spec["params"]
+    set_seed(train_cfg["seed"])
     model, tokenizer = setup(spec["model"], params, train_cfg, Path(spec["cache_dir"]))
     objective = OBJECTIVES[spec["task"]]
     data_dir = Path(spec["data_dir"]) if spec["data_dir"] else None

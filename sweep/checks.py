@@ -5,8 +5,11 @@ Samplers, pruners and storages are Optuna's own, chosen by name: no registry of 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import sqlite3
+import warnings
 from pathlib import Path
 
 import optuna
@@ -88,17 +91,59 @@ def check_writable(path: Path) -> None:
         raise ConfigError(f"cannot write {path} ({probe} is not writable)", "storage")
 
 
-def make_storage(url: str) -> optuna.storages.BaseStorage:
-    """Like optuna.storages.get_storage, plus `journal:PATH` and a busy timeout for SQLite."""
+def make_storage(url: str, heartbeat_s: int = 0, retries: int = 0) -> optuna.storages.BaseStorage:
+    """Like optuna.storages.get_storage, plus `journal:PATH`, and for SQL storages a heartbeat.
+
+    SQLite gets a 60 s busy timeout (and WAL from `enable_wal`, once the run is known to be
+    valid: bad input must not touch the files). With `heartbeat_s`, a RUNNING trial whose
+    sweep stopped beating for 2 x heartbeat_s is failed by the next sweep
+    (`fail_stale_trials`) and re-run up to `retries` times with the same parameters.
+    """
     if url.startswith("journal:"):
         path = Path(url.removeprefix("journal:"))
         path.parent.mkdir(parents=True, exist_ok=True)
         backend = optuna.storages.journal.JournalFileBackend(str(path))
         return optuna.storages.JournalStorage(backend)
-    if url.startswith("sqlite:///"):
-        _sqlite_path(url).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-    return optuna.storages.RDBStorage(url)
+    kwargs = {}
+    if heartbeat_s:
+        kwargs = {
+            "heartbeat_interval": heartbeat_s,
+            "grace_period": 2 * heartbeat_s,
+            "heartbeat_stale_trial_callback": RetryOrphans(retries),
+        }
+    with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.8
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if url.startswith("sqlite:///"):
+            _sqlite_path(url).parent.mkdir(parents=True, exist_ok=True)
+            engine = {"connect_args": {"timeout": 60}}
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kwargs)
+        return optuna.storages.RDBStorage(url, **kwargs)
+
+
+def enable_wal(url: str) -> None:
+    """SQLite write-ahead logging, so readers (`status`, optuna-dashboard, the MLflow UI) do not
+    block the sweep's writes. A property of the database file: set once, kept by every opener."""
+    path = _sqlite_path(url)
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.closing(sqlite3.connect(path, timeout=60)) as db:
+        db.execute("PRAGMA journal_mode=WAL")
+
+
+class RetryOrphans:
+    """Re-run an orphaned trial with its parameters (Optuna's RetryFailedTrialCallback), but
+    not the pruning mirrors of the companion study: the re-run gets a mirror of its own."""
+
+    def __init__(self, retries: int):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=retries)
+        self.retries = retries
+
+    def __call__(self, study: optuna.Study, trial) -> None:
+        if self.retries and not study.study_name.endswith("--val-loss"):
+            self.retry(study, trial)
 
 
 def make_sampler(spec: Component, key: str = "sampler") -> optuna.samplers.BaseSampler:

@@ -107,6 +107,11 @@ class Study:
     eval: Eval
     data: Data
     trial_timeout_s: float = 0.0  # wall-clock limit of one trial (0 = none)
+    # memory budget of one trial in GiB (the reference card: a 24 GB RTX 3090). A trial whose
+    # peak exceeds it, or that runs out of memory under it, is infeasible. 0 = no budget.
+    vram_budget_gb: float = 24.0
+    heartbeat_s: int = 30  # the sweep's heartbeat per running trial (SQL storages)
+    retries: int = 1  # re-runs of a trial orphaned by a dead sweep, with the same parameters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +149,9 @@ STUDY_KEYS = {
     "eval",
     "data",
     "trial_timeout_s",
+    "vram_budget_gb",
+    "heartbeat_s",
+    "retries",
 }
 
 
@@ -305,6 +313,11 @@ def _study(name: str, table: dict, models: dict[str, Model], root: Path) -> Stud
         trial_timeout_s=_check_type(
             table.get("trial_timeout_s", 0.0), float, f"{key}.trial_timeout_s"
         ),
+        vram_budget_gb=_check_type(
+            table.get("vram_budget_gb", 24.0), float, f"{key}.vram_budget_gb"
+        ),
+        heartbeat_s=_check_type(table.get("heartbeat_s", 30), int, f"{key}.heartbeat_s"),
+        retries=_check_type(table.get("retries", 1), int, f"{key}.retries"),
     )
     _check_values(study, key)
     return study
@@ -365,6 +378,7 @@ def _check_values(study: Study, key: str) -> None:
         "train.val_examples": train.val_examples,
         "eval.batch_size": study.eval.batch_size,
         "eval.max_new_tokens": study.eval.max_new_tokens,
+        "heartbeat_s": study.heartbeat_s,
     }
     for name, value in positive.items():
         if value <= 0:
@@ -373,6 +387,8 @@ def _check_values(study: Study, key: str) -> None:
         "train.train_examples": train.train_examples,
         "eval.max_examples": study.eval.max_examples,
         "trial_timeout_s": study.trial_timeout_s,
+        "vram_budget_gb": study.vram_budget_gb,
+        "retries": study.retries,
     }.items():
         if value < 0:
             raise ConfigError(f"must be >= 0 (got {value})", f"{key}.{name}")

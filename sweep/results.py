@@ -29,6 +29,7 @@ class Status(enum.StrEnum):
     SUCCESS = "success"
     PRUNED = "pruned"
     FAILED = "failed"
+    INFEASIBLE = "infeasible"  # out of memory under the budget: a constraint, not a failure
 
 
 @dataclasses.dataclass

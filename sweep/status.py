@@ -28,7 +28,10 @@ def show(study_name: str, storage) -> None:
 
 def table(study: optuna.Study) -> Table:
     metric = study.user_attrs.get("metric", "metric")
-    t = Table(title=f"study {study.study_name} · task {study.user_attrs.get('task')}")
+    title = f"study {study.study_name} · task {study.user_attrs.get('task')}"
+    if study.user_attrs.get("vram_budget_gb"):
+        title += f" · memory budget {study.user_attrs['vram_budget_gb']:g} GiB"
+    t = Table(title=title)
     for col in (
         "#",
         "state",
@@ -65,6 +68,11 @@ def table(study: optuna.Study) -> Table:
 def row(trial: optuna.trial.FrozenTrial) -> list[str]:
     p, a = trial.params, trial.user_attrs
     state = trial.state.name
+    label = state.lower()
+    if state == "COMPLETE" and any(v > 0 for v in trial.constraints.values()):
+        label = f"infeasible ({a.get('reason') or 'constraint'})"
+    elif state == "FAIL" and a.get("reason"):
+        label = f"fail ({a['reason']})"
     peak = "" if a.get("peak_memory_gib") is None else f"{a['peak_memory_gib']:.2f}"
     if peak and a.get("memory_kind") == "cpu_rss":
         peak += " RSS"
@@ -74,7 +82,7 @@ def row(trial: optuna.trial.FrozenTrial) -> list[str]:
     alpha = p["r"] * p["alpha_multiple"] if "r" in p and "alpha_multiple" in p else None
     return [
         str(trial.number),
-        f"[{STATE_STYLE.get(state, 'white')}]{state.lower()}[/]",
+        f"[{STATE_STYLE.get(state, 'white')}]{label}[/]",
         str(p.get("model", "")),
         _fmt(p.get("r"), "{}"),
         _fmt(alpha, "{:g}"),

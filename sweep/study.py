@@ -12,6 +12,7 @@ import time
 import warnings
 
 import optuna
+from optuna.trial import TrialState
 from rich.console import Console
 
 from objectives import OBJECTIVES
@@ -34,8 +35,12 @@ def run(
 ) -> None:
     checks.before_run(cfg, study_cfg, storage_url)  # bad input fails here, before any write
     objective = OBJECTIVES[study_cfg.task]
-    storage = checks.make_storage(storage_url or cfg.storage.optuna)
-    study = open_study(study_cfg, storage, objective)
+    storage = checks.make_storage(
+        storage_url or cfg.storage.optuna, study_cfg.heartbeat_s, study_cfg.retries
+    )
+    study = open_study(study_cfg, storage, objective)  # the last check: a stored study's task
+    checks.enable_wal(storage_url or cfg.storage.optuna)
+    checks.enable_wal(cfg.storage.mlflow)
     companion = optuna.create_study(
         storage=storage,
         study_name=f"{study_cfg.name}--val-loss",
@@ -53,6 +58,8 @@ def run(
             "eval_set": objective.eval_set(study_cfg.data.dir),
         },
     )
+    study.set_user_attr("vram_budget_gb", study_cfg.vram_budget_gb)
+    fail_orphans(study, companion, tracker)
     started = time.monotonic()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, trial_process.on_signal)
@@ -71,6 +78,22 @@ def run(
             tracker.close("KILLED")
             raise KeyboardInterrupt  # after the trial was stored: __main__ prints one line
     tracker.close("FINISHED")
+
+
+def fail_orphans(study: optuna.Study, companion: optuna.Study, tracker: Tracker) -> None:
+    """Trials left RUNNING by a sweep that died (kill -9, power loss) become FAIL once their
+    heartbeat is stale; each is queued again with its parameters (`retries`), and its MLflow
+    run is closed as failed. Their trial processes died with that sweep (PR_SET_PDEATHSIG)."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    optuna.storages.fail_stale_trials(study)
+    optuna.storages.fail_stale_trials(companion)
+    for old in running:
+        if study.get_trials(deepcopy=False)[old.number].state != TrialState.FAIL:
+            continue  # still beating: another live sweep process runs it
+        console.print(f"trial {old.number}: its sweep died; marked failed, queued again")
+        run_id = old.user_attrs.get("mlflow_run_id")
+        if run_id:
+            tracker.fail_run(run_id, "orphaned: the sweep process died during the trial")
 
 
 def open_study(study_cfg: Study, storage, objective) -> optuna.Study:

@@ -53,6 +53,10 @@ class Tracker:
     def close(self, status: str) -> None:
         self.client.set_terminated(self.parent_id, status=status)
 
+    def fail_run(self, run_id: str, reason: str) -> None:
+        self.client.set_tag(run_id, "error", reason)
+        self.client.set_terminated(run_id, status="FAILED")
+
     def start_trial(self, number: int, params: dict, tags: dict[str, str]) -> str:
         run = self.client.create_run(
             self.experiment_id,
@@ -88,6 +92,8 @@ class Tracker:
             if value is not None:
                 self.client.log_metric(run_id, key, value)
         self.client.set_tag(run_id, "memory_kind", result.memory_kind)
+        if result.error:  # the reason and the last lines of the trial's stderr
+            self.client.set_tag(run_id, "error", result.error[-5000:])
         for name in TRIAL_FILES:
             if (trial_dir / name).exists():
                 self.client.log_artifact(run_id, str(trial_dir / name))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
+import time
 from pathlib import Path
 
 import optuna
@@ -46,19 +48,21 @@ def run_one(
     trial.set_user_attr("trial_dir", str(trial_dir))
 
     watch = Watch(tracker, run_id, mirror)
+    beat = Heartbeat(trial.storage, [trial._trial_id, mirror._trial_id])
     proc = trial_process.launch(spec_path)
     try:
         ended = trial_process.follow(
-            proc, trial_dir / "stdout.log", watch, study_cfg.trial_timeout_s
+            proc, trial_dir / "stdout.log", watch, study_cfg.trial_timeout_s, beat
         )
     except BaseException:  # a crash of the sweep itself: the child must not live on
         trial_process.stop(proc)
         raise
     result = outcome(ended, proc.returncode, trial_dir, watch.last)
-    state = tell(trial, result)
-    companion.tell(
-        mirror, result.last_val_loss if state == TrialState.COMPLETE else None, state=state
-    )
+    state = tell(trial, result, study_cfg.vram_budget_gb)
+    if state == TrialState.COMPLETE and result.last_val_loss is not None:
+        companion.tell(mirror, result.last_val_loss)
+    else:  # pruned, failed, or out of memory before any validation loss
+        companion.tell(mirror, state=state if state != TrialState.COMPLETE else TrialState.FAIL)
     tracker.finish_trial(run_id, result, trial_dir, MLFLOW_STATE[state])
     return state
 
@@ -82,6 +86,25 @@ class Watch:
         return self.mirror.should_prune()
 
 
+class Heartbeat:
+    """Records the running trials' heartbeats (SQL storages with a heartbeat only).
+
+    Optuna's own heartbeat thread lives inside `study.optimize`; this sweep uses ask/tell with
+    the trial in another process, so it beats from its own wait loop.
+    """
+
+    def __init__(self, storage, trial_ids: list[int]):
+        interval = getattr(storage, "get_heartbeat_interval", lambda: None)()
+        self.storage, self.trial_ids, self.interval = storage, trial_ids, interval
+        self.last = -float("inf")
+
+    def __call__(self) -> None:
+        if self.interval and time.monotonic() - self.last >= self.interval / 2:
+            for trial_id in self.trial_ids:
+                self.storage.record_heartbeat(trial_id)
+            self.last = time.monotonic()
+
+
 def write_spec(cfg: Config, study_cfg: Study, params: dict, trial_dir: Path) -> Path:
     """spec.json for the child; config.json is the resolved study config kept with the trial."""
     model = cfg.models[params["model"]]
@@ -96,6 +119,7 @@ def write_spec(cfg: Config, study_cfg: Study, params: dict, trial_dir: Path) -> 
         "train_set": study_cfg.data.train_set,
         "cache_dir": str(cfg.storage.cache),
         "out_dir": str(trial_dir),
+        "vram_budget_gb": study_cfg.vram_budget_gb,
     }
     judge = study_cfg.eval.judge
     judge_alias = judge.get("model") if judge["name"] == "local" else None
@@ -129,20 +153,37 @@ def outcome(ended: str, returncode: int | None, trial_dir: Path, last: dict) -> 
     val = last.get("val_loss")
     if ended == "stopped":
         return TrialResult(Status.PRUNED, last_val_loss=val, steps=last.get("step", 0))
-    reason = ended if ended in ("timeout", "interrupted") else f"crash (exit status {returncode})"
-    error = f"{reason}\n{trial_process.stderr_tail(trial_dir)}"
+    error = f"{why(ended, returncode)}\n{trial_process.stderr_tail(trial_dir)}"
     return TrialResult(Status.FAILED, error=error, last_val_loss=val, steps=last.get("step", 0))
 
 
-def tell(trial: optuna.Trial, result: TrialResult) -> TrialState:
-    """Values [metric, peak GiB] to Optuna; everything else as user attributes."""
+def why(ended: str, returncode: int | None) -> str:
+    """The first line of a failed trial's error: its reason."""
+    if ended in ("timeout", "interrupted"):
+        return ended
+    if returncode is not None and returncode < 0:
+        name = signal.Signals(-returncode).name
+        hint = " (out of host memory, or killed)" if name == "SIGKILL" else ""
+        return f"crash: killed by {name}{hint}"
+    return f"crash (exit status {returncode})"
+
+
+def tell(trial: optuna.Trial, result: TrialResult, budget_gib: float) -> TrialState:
+    """Values [metric, peak GiB] to Optuna; everything else as user attributes.
+
+    Memory is a constraint as well as an objective: `vram_budget_gb - peak` must stay >= 0.
+    A trial over the budget or out of memory is COMPLETE but infeasible, so the sampler
+    learns to avoid its region (a FAIL would teach it nothing); its metric value is the
+    worst possible (0) and `reason` says why.
+    """
     attrs = {
         "status": result.status.value,
         "last_val_loss": result.last_val_loss,
         "steps": result.steps,
         "error": result.error[-2000:],
+        "reason": result.error.split("\n", 1)[0].split(":", 1)[0] if result.error else "",
     }
-    if result.status == Status.SUCCESS:
+    if result.status in (Status.SUCCESS, Status.INFEASIBLE):
         attrs |= {
             "metrics": result.metrics,
             "peak_memory_gib": result.peak_memory_gib,
@@ -166,7 +207,16 @@ def tell(trial: optuna.Trial, result: TrialResult) -> TrialState:
                 "objective_fallback",
                 f"-validation loss ({result.metrics.get('judge_error', 'metric missing')})",
             )
+        over = result.peak_memory_gib - budget_gib if budget_gib else 0.0
+        trial.set_constraint("vram_budget_gb", over)
+        if over > 0:
+            trial.set_user_attr("reason", "over_budget")
         study.tell(trial, [metric, result.peak_memory_gib])
+        return TrialState.COMPLETE
+    if result.status == Status.INFEASIBLE:  # out of memory: as far over the budget as it got
+        peak = result.peak_memory_gib or 0.0
+        trial.set_constraint("vram_budget_gb", 1.0 + max(0.0, peak - budget_gib))
+        study.tell(trial, [0.0, peak])
         return TrialState.COMPLETE
     state = TrialState.PRUNED if result.status == Status.PRUNED else TrialState.FAIL
     study.tell(trial, state=state)

@@ -54,12 +54,16 @@ def _die_with_parent() -> None:
 
 
 def follow(
-    proc: subprocess.Popen, log_path: Path, on_event: Callable[[dict], bool], timeout_s: float = 0.0
+    proc: subprocess.Popen,
+    log_path: Path,
+    on_event: Callable[[dict], bool],
+    timeout_s: float = 0.0,
+    tick: Callable[[], None] = lambda: None,
 ) -> str:
     """Stream `proc`'s progress events to `on_event` until it exits.
 
-    `on_event` returns True to stop the trial (pruned). Returns why it ended: "exited",
-    "stopped", "timeout" or "interrupted".
+    `on_event` returns True to stop the trial (pruned); `tick` runs about twice a second (the
+    heartbeat). Returns why it ended: "exited", "stopped", "timeout" or "interrupted".
     """
     lines: queue.Queue = queue.Queue()
     reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True)
@@ -67,6 +71,7 @@ def follow(
     deadline = time.monotonic() + timeout_s if timeout_s else float("inf")
     with log_path.open("w", buffering=1) as log:  # line-buffered: `tail -f` works
         while True:
+            tick()
             if INTERRUPT.is_set():
                 stop(proc)
                 return "interrupted"

@@ -41,3 +41,25 @@ def test_one_trial_on_the_gpu(tmp_path, shared_data):
     assert attrs["memory_kind"] == "cuda_reserved" and attrs["device"] != "cpu"
     assert attrs["nvml_peak_gib"] and attrs["nvml_peak_gib"] >= attrs["peak_memory_gib"] * 0.9
     assert attrs["train_tokens_per_s"] > 0
+
+
+def test_out_of_memory_under_the_budget_is_infeasible(tmp_path, shared_data):
+    """A 1 GiB budget on a 141 GB card: the trial caps itself, runs out of memory, and the
+    sweep records it as infeasible (constraint > 0) instead of failing or crashing."""
+    model = Path(os.environ["SWEEP_GPU_MODEL"])
+    cfg = write_config(tmp_path, model, shared_data, extra="vram_budget_gb = 1.0")
+    out = run_cli(
+        "run", "--study", "tiny", "--config", str(cfg), "--n-trials", "2",
+        "--set", "train.max_steps=20", "--set", "train.batch_size=16",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    trials = optuna.load_study(
+        study_name="tiny", storage=f"sqlite:///{tmp_path}/storage/optuna.db"
+    ).trials
+    assert len(trials) == 2  # the sweep went on after the first out-of-memory trial
+    for trial in trials:
+        assert trial.state.name == "COMPLETE" and trial.user_attrs["reason"] == "oom"
+        assert trial.constraints["vram_budget_gb"] > 0
+        assert trial.user_attrs["peak_memory_gib"] <= 1.0 + 1e-6
+        log = (tmp_path / "storage/trials/tiny" / str(trial.number) / "stdout.log").read_text()
+        assert '"event": "memory_cap"' in log

@@ -6,6 +6,7 @@ import hashlib
 import subprocess
 import sys
 
+import optuna
 import pytest
 
 from sweep.__main__ import main
@@ -29,6 +30,12 @@ def project(tmp_path, shared_data):
     cfg = write_config(tmp_path, model, shared_data)
     (tmp_path / "storage").mkdir()
     (tmp_path / "storage" / "keep.txt").write_text("finished work")
+    # a stored study with a finished trial: bad input must leave it exactly as it is
+    url = f"sqlite:///{tmp_path}/storage/optuna.db"
+    study = optuna.create_study(study_name="tiny", storage=url, directions=["maximize"] * 2)
+    study.set_user_attr("task", "sst2")
+    study.add_trial(optuna.trial.create_trial(values=[0.5, 1.0]))
+    study._storage._backend.engine.dispose()  # closed, as a finished sweep leaves it
     return tmp_path, cfg
 
 
@@ -59,7 +66,23 @@ BAD = [
         ["--study", "tiny", "--storage", "sqlite:///{folder}/storage/keep.txt/optuna.db"],
         "not writable",
     ),
-    (["--study", "tiny", "--set", "task='squad'"], "is not implemented yet"),
+    (["--study", "tiny", "--set", "task='mnli'"], "unknown task 'mnli'"),
+    (["--study", "tiny", "--set", "n_trials=0"], "studies.tiny.n_trials: must be > 0"),
+    (["--study", "tiny", "--set", "n_trials='ten'"], "n_trials: expected int, got str"),
+    (["--study", "tiny", "--set", "space.lr={low=0.0, high=1e-3}"], "learning rates must be > 0"),
+    (["--study", "tiny", "--set", "space.dropout={low=0.0, high=1.5}"], "must lie in [0, 1)"),
+    (["--study", "tiny", "--set", "space.alpha_multiple=[0.0]"], "values must be > 0"),
+    (["--study", "tiny", "--set", "vram_budget_gb=-1"], "vram_budget_gb: must be >= 0"),
+    (["--study", "tiny", "--set", "trial_timeout_s=-5"], "trial_timeout_s: must be >= 0"),
+    (["--study", "tiny", "--set", "heartbeat_s=0"], "heartbeat_s: must be > 0"),
+    (["--study", "tiny", "--set", "train.compute_dtype='fp8'"], "unknown dtype 'fp8'"),
+    (["--study", "tiny", "--set", "eval.judge={name='gpt5'}"], "unknown judge 'gpt5'"),
+    (["--study", "tiny", "--set", "eval.judge={name='openai'}"], "needs model"),
+    (["--study", "tiny", "--set", "data.train_set='x.json'"], "only the alpacaeval task"),
+    (["--study", "tiny", "--set", "train.max_steps.x=3"], "train.max_steps is not a table"),
+    (["--study", "tiny", "--n-trials", "0"], "--n-trials: must be > 0"),
+    (["--study", "tiny", "--timeout", "-1"], "--timeout: must be > 0"),
+    (["--study", "tiny", "--set", "task='squad'"], "stored study 'tiny' is task 'sst2'"),
 ]
 
 
