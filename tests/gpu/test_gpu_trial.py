@@ -63,3 +63,21 @@ def test_out_of_memory_under_the_budget_is_infeasible(tmp_path, shared_data):
         assert trial.user_attrs["peak_memory_gib"] <= 1.0 + 1e-6
         log = (tmp_path / "storage/trials/tiny" / str(trial.number) / "stdout.log").read_text()
         assert '"event": "memory_cap"' in log
+
+
+def test_squad_trial_generates_on_the_gpu(tmp_path, shared_data):
+    """Batched generation with a 4-bit base and bf16 LoRA on CUDA (random weights: F1 ≈ 0)."""
+    model = Path(os.environ["SWEEP_GPU_MODEL"])
+    cfg = write_config(tmp_path, model, shared_data)
+    cfg.write_text(cfg.read_text().replace('task = "sst2"', 'task = "squad"'))
+    out = run_cli(
+        "run", "--study", "tiny", "--config", str(cfg), "--n-trials", "1",
+        "--set", "train.max_steps=10", "--set", "train.max_seq_len=384",
+        "--set", "eval={max_examples=64, batch_size=32, max_new_tokens=16}",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    (trial,) = optuna.load_study(
+        study_name="tiny", storage=f"sqlite:///{tmp_path}/storage/optuna.db"
+    ).trials
+    assert trial.state.name == "COMPLETE" and trial.user_attrs["metrics"]["eval_examples"] == 64
+    assert (tmp_path / "storage/trials/tiny/0/predictions.json").is_file()

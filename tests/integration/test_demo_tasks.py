@@ -35,8 +35,8 @@ def test_demo_squad(tmp_path, shared_data, embedded_model):
     trial = _run(tmp_path, shared_data, "demo-squad", "eval.max_examples=32")
     metrics = trial.user_attrs["metrics"]
     assert metrics["eval_examples"] == 32
-    # zero-shot the model copies a span now and then; after 12 steps it must answer some
-    assert metrics["f1"] > 10, metrics
+    # zero-shot F1 is 8.0 (EM 0) on the demo's 48 questions, trained 20-28 (docs/objectives.md)
+    assert metrics["f1"] > 12, metrics
     out = run_cli(
         "score",
         "squad",
@@ -51,7 +51,14 @@ def test_demo_squad(tmp_path, shared_data, embedded_model):
 
 
 def test_demo_alpacaeval(tmp_path, shared_data, embedded_model):
-    trial = _run(tmp_path, shared_data, "demo-alpacaeval", "eval.max_examples=10")
+    trial = _run(
+        tmp_path,
+        shared_data,
+        "demo-alpacaeval",
+        "eval.max_examples=10",
+        "eval.max_new_tokens=32",
+        "train.max_steps=6",
+    )
     metrics = trial.user_attrs["metrics"]
     assert metrics["n_total"] == 10 and 0 <= metrics["win_rate"] <= 100
     annotations = tmp_path / "storage/trials/demo-alpacaeval/0/annotations.json"

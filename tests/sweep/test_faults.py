@@ -132,13 +132,18 @@ def test_hung_trial_times_out(tmp_path, tiny_model, shared_data):
     assert _alive(spec) == ""
 
 
-def test_sqlite_storages_use_wal(tmp_path, tiny_model, shared_data):
+def test_sqlite_in_wal_mode_and_only_plain_files_cross_processes(tmp_path, tiny_model, shared_data):
+    """WAL lets readers in while the sweep writes; spec/result are JSON, weights safetensors."""
     cfg = write_config(tmp_path, tiny_model, shared_data)
     out = run_cli("run", "--study", "tiny", "--config", str(cfg), "--n-trials", "1")
     assert out.returncode == 0, out.stderr[-2000:]
     for name in ("optuna.db", "mlflow.db"):
         db = sqlite3.connect(tmp_path / "storage" / name)
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    folder = tmp_path / "storage" / "trials" / "tiny" / "0"
+    assert json.loads((folder / "spec.json").read_text())["model"]["trust_remote_code"] is False
+    assert (folder / "adapter" / "adapter_model.safetensors").is_file()
+    assert not [p for p in folder.rglob("*") if p.suffix in (".bin", ".pt", ".pkl", ".pth")]
 
 
 def test_api_key_never_stored_or_logged(tmp_path, tiny_model, shared_data):
@@ -165,13 +170,3 @@ def test_api_key_never_stored_or_logged(tmp_path, tiny_model, shared_data):
         and (secret.encode() in p.read_bytes() or b"hf_also_secret" in p.read_bytes())
     ]
     assert leaks == [] and secret not in out.stdout + out.stderr
-
-
-def test_spec_and_result_are_plain_json(tmp_path, tiny_model, shared_data):
-    """What crosses the process boundary is data (no pickles), so it can be inspected."""
-    cfg = write_config(tmp_path, tiny_model, shared_data)
-    out = run_cli("run", "--study", "tiny", "--config", str(cfg), "--n-trials", "1")
-    assert out.returncode == 0
-    folder = tmp_path / "storage" / "trials" / "tiny" / "0"
-    assert json.loads((folder / "spec.json").read_text())["model"]["trust_remote_code"] is False
-    assert not list(folder.rglob("*.bin")) and not list(folder.rglob("*.pt"))
