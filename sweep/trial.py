@@ -49,6 +49,7 @@ def run_one(
 
     watch = Watch(tracker, run_id, mirror)
     beat = Heartbeat(trial.storage, [trial._trial_id, mirror._trial_id])
+    kills_before = trial_process.oom_kills()
     proc = trial_process.launch(spec_path)
     try:
         ended = trial_process.follow(
@@ -57,7 +58,9 @@ def run_one(
     except BaseException:  # a crash of the sweep itself: the child must not live on
         trial_process.stop(proc)
         raise
-    result = outcome(ended, proc.returncode, trial_dir, watch.last)
+    kills_after = trial_process.oom_kills()
+    oom_killed = kills_before is not None and kills_after is not None and kills_after > kills_before
+    result = outcome(ended, proc.returncode, trial_dir, watch.last, oom_killed)
     state = tell(trial, result, study_cfg.vram_budget_gb)
     if state == TrialState.COMPLETE and result.last_val_loss is not None:
         companion.tell(mirror, result.last_val_loss)
@@ -145,14 +148,23 @@ def jsonable(value):
     return str(value) if isinstance(value, Path) else value
 
 
-def outcome(ended: str, returncode: int | None, trial_dir: Path, last: dict) -> TrialResult:
-    """The child's result.json if it finished; otherwise why it did not."""
+def outcome(
+    ended: str, returncode: int | None, trial_dir: Path, last: dict, oom_killed: bool = False
+) -> TrialResult:
+    """The child's result.json if it finished; otherwise why it did not.
+
+    `oom_killed`: the kernel's OOM killer struck during the trial (host memory): a SIGKILLed
+    trial is then infeasible like a CUDA out-of-memory one, not failed.
+    """
     result_path = trial_dir / "result.json"
     if ended == "exited" and returncode == 0 and result_path.exists():
         return TrialResult.load(result_path)
     val = last.get("val_loss")
     if ended == "stopped":
         return TrialResult(Status.PRUNED, last_val_loss=val, steps=last.get("step", 0))
+    if ended == "exited" and returncode == -signal.SIGKILL and oom_killed:
+        error = f"oom: killed by the kernel's OOM killer\n{trial_process.stderr_tail(trial_dir)}"
+        return TrialResult(Status.INFEASIBLE, error=error, last_val_loss=val)
     error = f"{why(ended, returncode)}\n{trial_process.stderr_tail(trial_dir)}"
     return TrialResult(Status.FAILED, error=error, last_val_loss=val, steps=last.get("step", 0))
 

@@ -111,6 +111,29 @@ def stop(proc: subprocess.Popen) -> None:
             continue
 
 
+OOM_COUNTERS = (  # cgroup v2, cgroup v1: processes of this cgroup killed by any OOM killer
+    Path("/sys/fs/cgroup/memory.events"),
+    Path("/sys/fs/cgroup/memory/memory.oom_control"),
+)
+
+
+def oom_kills(counters: tuple[Path, ...] = OOM_COUNTERS) -> int | None:
+    """How many processes of our cgroup the kernel's OOM killer has killed (None: unknown).
+
+    Compared before and after a trial, it tells a host out-of-memory SIGKILL (infeasible)
+    from any other kill -9 (a failure).
+    """
+    for path in counters:
+        try:
+            for line in path.read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def stderr_tail(trial_dir: Path, lines: int = 20) -> str:
     path = trial_dir / "stderr.log"
     if not path.exists():
