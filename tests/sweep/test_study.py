@@ -152,6 +152,9 @@ def test_squad_study_scores_generated_answers(tmp_path, tiny_model, shared_data)
     assert len(preds) == 8  # official format {question_id: answer}, re-scorable by `score`
     status = run_cli("status", "--study", "tiny", "--config", str(cfg))
     assert "split by article" in status.stdout  # nobody mistakes it for the official dev F1
+    db = sqlite3.connect(tmp_path / "storage" / "mlflow.db")
+    (eval_set,) = db.execute("select value from tags where key='eval_set'").fetchone()
+    assert "not the official dev score" in eval_set
 
 
 def test_alpacaeval_study_falls_back_to_val_loss_without_a_judge(tmp_path, tiny_model, shared_data):
