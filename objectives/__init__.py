@@ -2,10 +2,13 @@
 
 - METRIC, DIRECTION: the task metric optimised by the study and whether to maximize it;
 - LOCAL_FILES: files a local data folder (layout of shared/data) must hold;
-- IMPLEMENTED: False while the task only validates;
-- load(data_dir, train_n, val_n, eval_n, seed, system_prompt) -> (train, val, evaluation)
-  lists of examples: dicts with "messages" (chat turns before the answer) and "answer";
-- evaluate(model, tokenizer, examples, batch_size) -> dict of metrics (runs in the trial).
+- eval_set(data_dir) -> str: what the metric is measured on, in words (status, MLflow);
+- load(data_dir, train_n, val_n, eval_n, seed, system_prompt, train_set) -> (train, val,
+  evaluation) lists of examples: dicts with "messages" (chat turns before the answer) and
+  "answer", plus what evaluation needs (labels, gold answers, references);
+- evaluate(model, tokenizer, examples, settings, out_dir) -> dict of metrics (runs in the
+  trial; `settings` is the [eval] table plus data/cache folders; files it writes in out_dir,
+  such as predictions, are kept with the trial and logged to MLflow).
 
 No module imports torch at import time: the sweep process reads METRIC and DIRECTION.
 """

@@ -20,7 +20,6 @@ from objectives.common import chat, open_text, split_train_val, subset
 
 METRIC = "win_rate"
 DIRECTION = "maximize"
-IMPLEMENTED = True
 DEFAULT_TRAIN_SET = "alpaca/alpaca_data_5000.json.xz"
 LOCAL_FILES = (
     "alpacaeval/alpaca_eval.jsonl",

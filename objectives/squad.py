@@ -23,7 +23,6 @@ from objectives.common import chat, open_text, split_train_val, subset
 
 METRIC = "f1"
 DIRECTION = "maximize"
-IMPLEMENTED = True
 LOCAL_FILES = ("squad/dev-v1.1.json.xz",)
 HUB_DATASET = ("rajpurkar/squad",)
 PUNCTUATION = frozenset(string.punctuation)

@@ -13,7 +13,6 @@ from objectives.common import chat, open_text, split_train_val, subset
 
 METRIC = "accuracy"
 DIRECTION = "maximize"
-IMPLEMENTED = True
 LOCAL_FILES = ("sst2/train.tsv.xz", "sst2/dev.tsv")
 HUB_DATASET = ("nyu-mll/glue", "sst2")
 CHOICES = ("negative", "positive")  # index = GLUE label

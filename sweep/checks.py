@@ -22,10 +22,6 @@ from sweep.errors import ConfigError, unknown
 def before_run(cfg: Config, study: Study, storage_url: str | None) -> None:
     key = f"studies.{study.name}"
     objective = OBJECTIVES[study.task]
-    if not objective.IMPLEMENTED:
-        raise ConfigError(
-            f"task {study.task!r} is not implemented yet (the config is valid)", f"{key}.task"
-        )
     make_sampler(study.sampler, f"{key}.sampler")
     make_pruner(study.pruner, f"{key}.pruner")
     if study.data.dir is not None:
