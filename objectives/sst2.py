@@ -72,7 +72,7 @@ def accuracy(choice_scores: list[list[float]], labels: list[int]) -> float:
 
 def eval_set(data_dir: Path | None) -> str:
     """What the study's metric is measured on, in words (shown in status and MLflow)."""
-    return "SST-2 dev (GLUE validation, 872 sentences)"
+    return "SST-2 dev (GLUE validation: 872 sentences, or a seeded subset of eval.max_examples)"
 
 
 def evaluate(model, tokenizer, examples: list[dict], settings: dict, out_dir: Path) -> dict:
