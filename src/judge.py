@@ -77,11 +77,10 @@ def agreement(model_spec: dict, cache_dir: Path, annotation_file: Path, n: int, 
 
 if __name__ == "__main__":
     import argparse
-    import dataclasses
     import json
 
     from sweep import config
-    from sweep.trial import jsonable
+    from sweep.trial import model_spec
 
     parser = argparse.ArgumentParser(description=agreement.__doc__)
     parser.add_argument("model", help="model alias in sweep.toml")
@@ -91,5 +90,5 @@ if __name__ == "__main__":
     parser.add_argument("--config", type=Path, default=Path("sweep.toml"))
     args = parser.parse_args()
     cfg = config.load(args.config)
-    spec = jsonable(dataclasses.asdict(cfg.models[args.model]))
+    spec = model_spec(cfg.models[args.model])
     print(json.dumps(agreement(spec, cfg.storage.cache, args.annotations, args.n, args.seed)))

@@ -135,10 +135,9 @@ class RetryOrphans:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=retries)
-        self.retries = retries
 
     def __call__(self, study: optuna.Study, trial) -> None:
-        if self.retries and not study.study_name.endswith("--val-loss"):
+        if not study.study_name.endswith("--val-loss"):
             self.retry(study, trial)
 
 

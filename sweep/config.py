@@ -153,6 +153,9 @@ STUDY_KEYS = {
     "heartbeat_s",
     "retries",
 }
+# plain-valued study keys; their defaults are the Study dataclass's
+STUDY_SCALARS = {"trial_timeout_s": "float", "vram_budget_gb": "float", "heartbeat_s": "int",
+                 "retries": "int"}  # fmt: skip
 
 
 def load(path: Path, overrides: list[str] = (), study: str | None = None) -> Config:
@@ -310,14 +313,11 @@ def _study(name: str, table: dict, models: dict[str, Model], root: Path) -> Stud
         train=_dataclass(Train, table.get("train", {}), f"{key}.train"),
         eval=_dataclass(Eval, table.get("eval", {}), f"{key}.eval"),
         data=_data(table.get("data", {}), root, f"{key}.data"),
-        trial_timeout_s=_check_type(
-            table.get("trial_timeout_s", 0.0), float, f"{key}.trial_timeout_s"
-        ),
-        vram_budget_gb=_check_type(
-            table.get("vram_budget_gb", 24.0), float, f"{key}.vram_budget_gb"
-        ),
-        heartbeat_s=_check_type(table.get("heartbeat_s", 30), int, f"{key}.heartbeat_s"),
-        retries=_check_type(table.get("retries", 1), int, f"{key}.retries"),
+        **{
+            name: _coerce(table[name], kind, f"{key}.{name}")
+            for name, kind in STUDY_SCALARS.items()
+            if name in table
+        },
     )
     _check_values(study, key)
     return study

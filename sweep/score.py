@@ -116,14 +116,11 @@ def _local(records: list[dict], alias: str | None, cfg: Config | None) -> list[f
         from sweep.errors import unknown
 
         raise unknown("model alias", alias, cfg.models, "--judge-model")
-    import dataclasses
-
     from src import models
     from src.judge import local_judge
-    from sweep.trial import jsonable
+    from sweep.trial import model_spec
 
-    spec = jsonable(dataclasses.asdict(cfg.models[alias]))
-    model, tokenizer, _ = models.load_base(spec, "auto", cfg.storage.cache)
+    model, tokenizer, _ = models.load_base(model_spec(cfg.models[alias]), "auto", cfg.storage.cache)
     return local_judge(model, tokenizer, records, batch_size=4)
 
 

@@ -51,11 +51,9 @@ def table(study: optuna.Study) -> Table:
     for trial in study.trials:
         t.add_row(*row(trial))
     folders = [tr.user_attrs["trial_dir"] for tr in study.trials if "trial_dir" in tr.user_attrs]
-    notes = (
-        [f"{metric} measured on: {study.user_attrs['eval_set']}"]
-        if "eval_set" in (study.user_attrs)
-        else []
-    )
+    notes = []
+    if "eval_set" in study.user_attrs:
+        notes.append(f"{metric} measured on: {study.user_attrs['eval_set']}")
     if folders:
         notes.append(f"adapters, configs, results, logs: {Path(folders[0]).parent}/<#>/")
     fallbacks = [tr.number for tr in study.trials if "objective_fallback" in tr.user_attrs]

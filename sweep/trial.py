@@ -19,7 +19,7 @@ import optuna
 from optuna.trial import TrialState
 
 from sweep import trial_process
-from sweep.config import Config, Study
+from sweep.config import Config, Model, Study
 from sweep.results import Status, TrialResult
 from sweep.tracking import Tracker
 
@@ -114,7 +114,7 @@ def write_spec(cfg: Config, study_cfg: Study, params: dict, trial_dir: Path) -> 
     spec = {
         "study": study_cfg.name,
         "task": study_cfg.task,
-        "model": jsonable(dataclasses.asdict(model)),
+        "model": model_spec(model),
         "params": params,
         "train": dataclasses.asdict(study_cfg.train),
         "eval": dataclasses.asdict(study_cfg.eval),
@@ -127,7 +127,7 @@ def write_spec(cfg: Config, study_cfg: Study, params: dict, trial_dir: Path) -> 
     judge = study_cfg.eval.judge
     judge_alias = judge.get("model") if judge["name"] == "local" else None
     if judge_alias:
-        spec["judge_model"] = jsonable(dataclasses.asdict(cfg.models[judge_alias]))
+        spec["judge_model"] = model_spec(cfg.models[judge_alias])
     resolved = {
         "config_file": str(cfg.path),
         "storage": dataclasses.asdict(cfg.storage),
@@ -138,6 +138,11 @@ def write_spec(cfg: Config, study_cfg: Study, params: dict, trial_dir: Path) -> 
     path = trial_dir / "spec.json"
     path.write_text(json.dumps(spec, indent=2))
     return path
+
+
+def model_spec(model: Model) -> dict:
+    """A [models] entry as spec.json holds it (what src.models.load_base reads)."""
+    return jsonable(dataclasses.asdict(model))
 
 
 def jsonable(value):
@@ -183,7 +188,7 @@ def why(ended: str, returncode: int | None) -> str:
 def tell(trial: optuna.Trial, result: TrialResult, budget_gib: float) -> TrialState:
     """Values [metric, peak GiB] to Optuna; everything else as user attributes.
 
-    Memory is a constraint as well as an objective: `vram_budget_gb - peak` must stay >= 0.
+    Memory is a constraint as well as an objective: `peak - vram_budget_gb` must stay <= 0.
     A trial over the budget or out of memory is COMPLETE but infeasible, so the sampler
     learns to avoid its region (a FAIL would teach it nothing); its metric value is the
     worst possible (0) and `reason` says why.

@@ -26,6 +26,23 @@ def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess
     )
 
 
+def start_sweep(cfg: Path, *sets: str) -> subprocess.Popen:
+    """`python -m sweep run --study tiny` in the background, with `--set` overrides."""
+    cmd = [sys.executable, "-m", "sweep", "run", "--study", "tiny", "--config", str(cfg)]
+    cmd += [arg for item in sets for arg in ("--set", item)]
+    env = {**os.environ, "PYTHONPATH": _pythonpath()}
+    pipe = subprocess.PIPE
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=pipe, stderr=pipe, text=True, env=env)
+
+
+def study_trials(folder: Path, name: str = "tiny") -> list:
+    """The trials of study `name` in `folder`'s default SQLite storage."""
+    import optuna
+
+    storage = f"sqlite:///{folder}/storage/optuna.db"
+    return optuna.load_study(study_name=name, storage=storage).trials
+
+
 def _pythonpath() -> str:
     return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 

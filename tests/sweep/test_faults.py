@@ -8,26 +8,9 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 
-import optuna
-
-from tests.conftest import ROOT, _pythonpath, run_cli, write_config
-
-
-def _trials(folder, name="tiny"):
-    return optuna.load_study(
-        study_name=name, storage=f"sqlite:///{folder}/storage/optuna.db"
-    ).trials
-
-
-def _start(cfg, *sets: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "sweep", "run", "--study", "tiny", "--config", str(cfg)]
-    cmd += [a for s in sets for a in ("--set", s)]
-    env = {**os.environ, "PYTHONPATH": _pythonpath()}
-    pipe = subprocess.PIPE
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=pipe, stderr=pipe, text=True, env=env)
+from tests.conftest import run_cli, start_sweep, study_trials, write_config
 
 
 def _child_pid(spec) -> int:
@@ -55,11 +38,11 @@ def test_kill_9_of_the_sweep_then_resume_retries_the_orphan(tmp_path, tiny_model
     cfg = write_config(tmp_path, tiny_model, shared_data, extra="heartbeat_s = 1")
     first = run_cli("run", "--study", "tiny", "--config", str(cfg), "--n-trials", "1")
     assert first.returncode == 0, first.stderr[-2000:]
-    finished = _trials(tmp_path)[0]
+    finished = study_trials(tmp_path)[0]
     adapter = tmp_path / "storage/trials/tiny/0/adapter/adapter_model.safetensors"
     adapter_bytes = adapter.read_bytes()
 
-    sweep = _start(cfg, "train.max_steps=100000")
+    sweep = start_sweep(cfg, "train.max_steps=100000")
     spec = tmp_path / "storage" / "trials" / "tiny" / "1" / "spec.json"
     try:
         _child_pid(spec)
@@ -73,7 +56,7 @@ def test_kill_9_of_the_sweep_then_resume_retries_the_orphan(tmp_path, tiny_model
         subprocess.run(["pkill", "-9", "-f", str(spec)])
     assert again.returncode == 0, again.stderr[-2000:]
     assert "trial 1: its sweep died; marked failed, queued again" in again.stdout
-    trials = _trials(tmp_path)
+    trials = study_trials(tmp_path)
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
     assert trials[2].params == trials[1].params  # the retry: same parameters
     assert trials[2].system_attrs["failed_trial"] == 1
@@ -87,7 +70,7 @@ def test_crashed_trial_process_fails_with_its_reason_and_the_sweep_goes_on(
     tmp_path, tiny_model, shared_data
 ):
     cfg = write_config(tmp_path, tiny_model, shared_data)
-    sweep = _start(cfg, "train.max_steps=100000", "n_trials=1")
+    sweep = start_sweep(cfg, "train.max_steps=100000", "n_trials=1")
     spec = tmp_path / "storage" / "trials" / "tiny" / "0" / "spec.json"
     try:
         os.kill(_child_pid(spec), signal.SIGSEGV)
@@ -96,7 +79,7 @@ def test_crashed_trial_process_fails_with_its_reason_and_the_sweep_goes_on(
         sweep.kill()
         subprocess.run(["pkill", "-9", "-f", str(spec)])
     assert sweep.returncode == 0
-    (trial,) = _trials(tmp_path)
+    (trial,) = study_trials(tmp_path)
     assert trial.state.name == "FAIL" and trial.user_attrs["reason"] == "crash"
     assert trial.user_attrs["error"].startswith("crash: killed by SIGSEGV")
     db = sqlite3.connect(tmp_path / "storage" / "mlflow.db")
@@ -104,7 +87,7 @@ def test_crashed_trial_process_fails_with_its_reason_and_the_sweep_goes_on(
     assert "SIGSEGV" in error
 
     then = run_cli("run", "--study", "tiny", "--config", str(cfg), "--n-trials", "1")
-    assert then.returncode == 0 and _trials(tmp_path)[1].state.name == "COMPLETE"
+    assert then.returncode == 0 and study_trials(tmp_path)[1].state.name == "COMPLETE"
 
 
 def test_over_the_memory_budget_is_infeasible_not_failed(tmp_path, tiny_model, shared_data):
@@ -112,7 +95,7 @@ def test_over_the_memory_budget_is_infeasible_not_failed(tmp_path, tiny_model, s
     cfg = write_config(tmp_path, tiny_model, shared_data, extra="vram_budget_gb = 0.05")
     out = run_cli("run", "--study", "tiny", "--config", str(cfg), "--n-trials", "1")
     assert out.returncode == 0, out.stderr[-2000:]
-    (trial,) = _trials(tmp_path)
+    (trial,) = study_trials(tmp_path)
     assert trial.state.name == "COMPLETE" and trial.user_attrs["reason"] == "over_budget"
     assert trial.constraints["vram_budget_gb"] == trial.values[1] - 0.05 > 0
     status = run_cli("status", "--study", "tiny", "--config", str(cfg))
@@ -127,7 +110,7 @@ def test_hung_trial_times_out(tmp_path, tiny_model, shared_data):
         "--set", "train.max_steps=100000",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
-    (trial,) = _trials(tmp_path)
+    (trial,) = study_trials(tmp_path)
     assert trial.state.name == "FAIL" and trial.user_attrs["reason"] == "timeout"
     assert _alive(spec) == ""
 
@@ -161,7 +144,7 @@ def test_api_key_never_stored_or_logged(tmp_path, tiny_model, shared_data):
         env={"SWEEP_TEST_KEY": secret, "HF_TOKEN": "hf_also_secret_77"},
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
-    (trial,) = _trials(tmp_path)
+    (trial,) = study_trials(tmp_path)
     assert "APIConnectionError" in trial.user_attrs["objective_fallback"]
     leaks = [
         str(p)

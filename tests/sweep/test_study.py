@@ -3,28 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 
-import optuna
-
-from tests.conftest import ROOT, _pythonpath, run_cli, write_config
-
-
-def _trials(folder, name="tiny"):
-    storage = f"sqlite:///{folder}/storage/optuna.db"
-    return optuna.load_study(study_name=name, storage=storage).trials
+from tests.conftest import run_cli, start_sweep, study_trials, write_config
 
 
 def test_two_trial_sweep_then_resume(tmp_path, tiny_model, shared_data):
     cfg = write_config(tmp_path, tiny_model, shared_data)
     first = run_cli("run", "--study", "tiny", "--config", str(cfg))
     assert first.returncode == 0, first.stderr[-3000:]
-    trials = _trials(tmp_path)
+    trials = study_trials(tmp_path)
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
     for t in trials:
         accuracy, peak = t.values
@@ -49,7 +40,7 @@ def test_two_trial_sweep_then_resume(tmp_path, tiny_model, shared_data):
 
     second = run_cli("run", "--study", "tiny", "--config", str(cfg), "--n-trials", "1")
     assert second.returncode == 0, second.stderr[-3000:]
-    after = _trials(tmp_path)
+    after = study_trials(tmp_path)
     assert len(after) == 3 and [t.values for t in after[:2]] == [t.values for t in trials]
 
     status = run_cli("status", "--study", "tiny", "--config", str(cfg))
@@ -76,22 +67,17 @@ def test_pruned_trial_stops_early(tmp_path, tiny_model, shared_data):
         "train.max_steps=40",
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    (trial,) = _trials(tmp_path)
+    (trial,) = study_trials(tmp_path)
     assert trial.state.name == "PRUNED"
     assert trial.user_attrs["last_val_loss"] > 0 and trial.user_attrs["steps"] == 2
-    mirror = _trials(tmp_path, "tiny--val-loss")[0]
+    mirror = study_trials(tmp_path, "tiny--val-loss")[0]
     assert mirror.state.name == "PRUNED" and list(mirror.intermediate_values) == [2]
     assert not (tmp_path / "storage" / "trials" / "tiny" / "0" / "result.json").exists()
 
 
 def _endless_sweep(tmp_path, tiny_model, shared_data) -> tuple[subprocess.Popen, object]:
     """A sweep whose first trial trains until stopped; returns it and that trial's spec path."""
-    cfg = write_config(tmp_path, tiny_model, shared_data)
-    cmd = [sys.executable, "-m", "sweep", "run", "--study", "tiny", "--config", str(cfg),
-           "--set", "train.max_steps=100000"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": _pythonpath()}
-    pipe = subprocess.PIPE
-    sweep = subprocess.Popen(cmd, cwd=ROOT, stdout=pipe, stderr=pipe, text=True, env=env)
+    sweep = start_sweep(write_config(tmp_path, tiny_model, shared_data), "train.max_steps=100000")
     return sweep, tmp_path / "storage" / "trials" / "tiny" / "0" / "spec.json"
 
 
@@ -111,7 +97,7 @@ def test_ctrl_c_stops_the_trial_process(tmp_path, tiny_model, shared_data):
     assert sweep.returncode == 130 and err.strip().splitlines()[-1].startswith("interrupted")
     alive = subprocess.run(["pgrep", "-f", str(spec)], capture_output=True, text=True).stdout
     assert alive == ""
-    assert [t.state.name for t in _trials(tmp_path)] == ["FAIL"]
+    assert [t.state.name for t in study_trials(tmp_path)] == ["FAIL"]
 
 
 def test_killed_sweep_leaves_no_trial_process(tmp_path, tiny_model, shared_data):
@@ -144,7 +130,7 @@ def test_squad_study_scores_generated_answers(tmp_path, tiny_model, shared_data)
     )
     out = run_cli("run", "--study", "tiny", "--config", str(cfg), "--n-trials", "1")
     assert out.returncode == 0, out.stderr[-3000:]
-    (trial,) = _trials(tmp_path)
+    (trial,) = study_trials(tmp_path)
     metrics = trial.user_attrs["metrics"]
     assert trial.state.name == "COMPLETE" and trial.values[0] == metrics["f1"]
     assert 0 <= metrics["exact_match"] <= metrics["f1"] <= 100
@@ -168,7 +154,7 @@ def test_alpacaeval_study_falls_back_to_val_loss_without_a_judge(tmp_path, tiny_
     )
     out = run_cli("run", "--study", "tiny", "--config", str(cfg), "--n-trials", "1")
     assert out.returncode == 0, out.stderr[-3000:]
-    (trial,) = _trials(tmp_path)
+    (trial,) = study_trials(tmp_path)
     assert trial.state.name == "COMPLETE"
     assert trial.values[0] == -trial.user_attrs["last_val_loss"]
     assert "SWEEP_NO_KEY is not set" in trial.user_attrs["objective_fallback"]
@@ -193,7 +179,7 @@ def test_alpacaeval_study_with_the_local_judge(tmp_path, tiny_model, shared_data
     )
     out = run_cli("run", "--study", "tiny", "--config", str(cfg), "--n-trials", "1")
     assert out.returncode == 0, out.stderr[-3000:]
-    (trial,) = _trials(tmp_path)
+    (trial,) = study_trials(tmp_path)
     metrics = trial.user_attrs["metrics"]
     assert trial.values[0] == metrics["win_rate"] and 0 <= metrics["win_rate"] <= 100
     assert metrics["n_total"] == 10 and "length_controlled_winrate" in metrics
