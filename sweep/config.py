@@ -184,13 +184,20 @@ def load(path: Path, overrides: list[str] = (), study: str | None = None) -> Con
 
 
 def _merge(base: dict, top: dict) -> dict:
+    """Tables merge key by key, except a component table (sampler, pruner, judge) that names
+    another class: its keyword arguments would not fit, so it replaces the default's table."""
     out = copy.deepcopy(base)
     for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+        below = out.get(key)
+        if isinstance(value, dict) and isinstance(below, dict) and _same_class(below, value):
+            out[key] = _merge(below, value)
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def _same_class(below: dict, top: dict) -> bool:
+    return "name" not in top or top["name"] == below.get("name")
 
 
 def _apply_override(table: dict, item: str, prefix: str) -> None:

@@ -78,13 +78,15 @@ class Watch:
 
     def __init__(self, tracker: Tracker, run_id: str, mirror: optuna.Trial):
         self.tracker, self.run_id, self.mirror = tracker, run_id, mirror
-        self.last: dict = {}  # the latest validation event
+        self.last: dict = {}  # the latest validation event, with the training tokens so far
 
     def __call__(self, event: dict) -> bool:
         self.tracker.log_event(self.run_id, event)
+        if event["event"] == "train":
+            self.last = {**self.last, "tokens": event.get("tokens", 0)}
         if event["event"] != "eval":
             return False
-        self.last = event
+        self.last = {**self.last, **event}
         self.mirror.report(event["val_loss"], event["step"])
         return self.mirror.should_prune()
 
@@ -165,13 +167,14 @@ def outcome(
     if ended == "exited" and returncode == 0 and result_path.exists():
         return TrialResult.load(result_path)
     val = last.get("val_loss")
+    seen = {"steps": last.get("step", 0), "train_tokens": last.get("tokens", 0)}
     if ended == "stopped":
-        return TrialResult(Status.PRUNED, last_val_loss=val, steps=last.get("step", 0))
+        return TrialResult(Status.PRUNED, last_val_loss=val, **seen)
     if ended == "exited" and returncode == -signal.SIGKILL and oom_killed:
         error = f"oom: killed by the kernel's OOM killer\n{trial_process.stderr_tail(trial_dir)}"
         return TrialResult(Status.INFEASIBLE, error=error, last_val_loss=val)
     error = f"{why(ended, returncode)}\n{trial_process.stderr_tail(trial_dir)}"
-    return TrialResult(Status.FAILED, error=error, last_val_loss=val, steps=last.get("step", 0))
+    return TrialResult(Status.FAILED, error=error, last_val_loss=val, **seen)
 
 
 def why(ended: str, returncode: int | None) -> str:
@@ -197,6 +200,7 @@ def tell(trial: optuna.Trial, result: TrialResult, budget_gib: float) -> TrialSt
         "status": result.status.value,
         "last_val_loss": result.last_val_loss,
         "steps": result.steps,
+        "train_tokens": result.train_tokens,  # a pruned trial's too: what the pruner saved
         "error": result.error[-2000:],
         "reason": result.error.split("\n", 1)[0].split(":", 1)[0] if result.error else "",
     }
@@ -207,7 +211,6 @@ def tell(trial: optuna.Trial, result: TrialResult, budget_gib: float) -> TrialSt
             "memory_kind": result.memory_kind,
             "nvml_peak_gib": result.nvml_peak_gib,
             "train_tokens_per_s": result.train_tokens_per_s,
-            "train_tokens": result.train_tokens,
             "trainable_params": result.trainable_params,
             "trainable_pct": result.trainable_pct,
             "wall_seconds": result.wall_seconds,

@@ -27,6 +27,18 @@ def test_defaults_merge_under_study_tables():
     assert cfg.studies["demo"].space.dropout.fixed
 
 
+def test_a_component_naming_another_class_replaces_the_default():
+    cfg = config.load(ROOT / "sweep.toml")
+    pruning = cfg.studies["demo-pruning"]
+    assert pruning.sampler == config.Component("RandomSampler", {"seed": 0})  # no multivariate
+    assert pruning.pruner.name == "SuccessiveHalvingPruner"
+    assert "n_startup_trials" not in pruning.pruner.kwargs
+    same = config.load(ROOT / "sweep.toml", ["pruner.n_warmup_steps=3"], study="sst2")
+    assert same.studies["sst2"].pruner.kwargs == {"n_startup_trials": 4, "n_warmup_steps": 3}
+    off = config.load(ROOT / "sweep.toml", ['pruner={name="NopPruner"}'], study="demo-pruning")
+    assert off.studies["demo-pruning"].pruner == config.Component("NopPruner", {})
+
+
 def test_paths_resolve_against_config_folder(tmp_path: Path, monkeypatch):
     monkeypatch.chdir("/")
     cfg = config.load(ROOT / "sweep.toml")

@@ -36,8 +36,10 @@ def test_why_a_trial_ended(tmp_path, ended, code, oom, status, first_line):
 
 
 def test_pruned_when_the_sweep_stopped_it(tmp_path):
-    result = outcome("stopped", -signal.SIGTERM, tmp_path, {"val_loss": 2.0, "step": 8})
+    last = {"val_loss": 2.0, "step": 8, "tokens": 1234}
+    result = outcome("stopped", -signal.SIGTERM, tmp_path, last)
     assert result.status == Status.PRUNED and result.steps == 8
+    assert result.train_tokens == 1234  # what the pruned trial cost
 
 
 def _study():
