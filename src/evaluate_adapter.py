@@ -21,11 +21,16 @@ from src.train_qlora import eval_settings
 
 def evaluate(trial_dir: Path, max_examples: int) -> dict:
     spec = json.loads((trial_dir / "spec.json").read_text())
-    train = spec["train"]
-    base, tokenizer, _ = models.load_base(
-        spec["model"], train["compute_dtype"], Path(spec["cache_dir"])
-    )
-    model = PeftModel.from_pretrained(base, trial_dir / "adapter", use_safetensors=True)
+    train, method = spec["train"], spec["params"].get("method", "qlora")
+    if method == "full":
+        model_dir = str(trial_dir / "model")
+        tokenizer = models.load_tokenizer(model_dir)
+        model = models.load_16bit_model(model_dir, models.compute_dtype(train["compute_dtype"]))
+    else:
+        base, tokenizer, _ = models.load_base(
+            spec["model"], train["compute_dtype"], Path(spec["cache_dir"]), method
+        )
+        model = PeftModel.from_pretrained(base, trial_dir / "adapter", use_safetensors=True)
     objective = OBJECTIVES[spec["task"]]
     data_dir = Path(spec["data_dir"]) if spec["data_dir"] else None
     rows = objective.load(

@@ -18,13 +18,14 @@ def run_judge(judge: dict, records: list[dict], model, tokenizer, settings: dict
     if name == "openai":
         return judges.openai_judge(records, **kwargs)
     if name == "local":
-        if settings.get("judge_model"):  # another model than the one trained
+        other = settings.get("judge_model")  # another model than the one trained
+        if other or not hasattr(model, "disable_adapter"):  # or fully fine-tuned: its base
             from src import models
 
-            other, other_tok, _ = models.load_base(
-                settings["judge_model"], "auto", Path(settings["cache_dir"])
+            judge_model, judge_tok, _ = models.load_base(
+                other or settings["model"], "auto", Path(settings["cache_dir"])
             )
-            return local_judge(other, other_tok, records, settings["batch_size"])
+            return local_judge(judge_model, judge_tok, records, settings["batch_size"])
         with model.disable_adapter():  # the trial's base model, adapter switched off
             return local_judge(model, tokenizer, records, settings["batch_size"])
     return judges.plugged_in(name)(records, **kwargs)

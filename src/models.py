@@ -66,7 +66,9 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_4bit_model(source: str, dtype: torch.dtype, trust_remote_code: bool = False):
+def load_4bit_model(
+    source: str, dtype: torch.dtype, trust_remote_code: bool = False, layers: int = 0
+):
     """NF4 with double quantization (QLoRA), compute in `dtype`."""
     quant = BitsAndBytesConfig(
         load_in_4bit=True,
@@ -82,18 +84,41 @@ def load_4bit_model(source: str, dtype: torch.dtype, trust_remote_code: bool = F
         device_map=device_map,
         trust_remote_code=trust_remote_code,
         use_safetensors=True,  # never unpickle weights
+        **_first_layers(layers),
     )
     keep_cpu_4bit_gradients_exact(model)
     return model
 
 
-def load_base(model_spec: dict, dtype_name: str, cache_dir: Path):
-    """(4-bit model, tokenizer, source) for a model entry as the trial's spec.json holds it."""
+def load_16bit_model(
+    source: str, dtype: torch.dtype, trust_remote_code: bool = False, layers: int = 0
+):
+    """The base in the compute dtype, for 16-bit LoRA and full fine-tuning."""
+    device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+    return AutoModelForCausalLM.from_pretrained(
+        source,
+        dtype=dtype,
+        device_map=device_map,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+        **_first_layers(layers),
+    )
+
+
+def _first_layers(layers: int) -> dict:
+    """A config override: from_pretrained then builds and loads only the first N layers."""
+    return {"num_hidden_layers": layers} if layers else {}
+
+
+def load_base(model_spec: dict, dtype_name: str, cache_dir: Path, method: str = "qlora"):
+    """(model, tokenizer, source) for a model entry as the trial's spec.json holds it:
+    4-bit for qlora, the compute dtype for lora and full."""
     source = model_source(model_spec["id"], model_spec["path"], model_spec["package"],
                           model_spec["gguf_file"], cache_dir)  # fmt: skip
     trust = model_spec["trust_remote_code"]
     tokenizer = load_tokenizer(source, trust_remote_code=trust)
-    model = load_4bit_model(source, compute_dtype(dtype_name), trust_remote_code=trust)
+    load = load_4bit_model if method == "qlora" else load_16bit_model
+    model = load(source, compute_dtype(dtype_name), trust, model_spec.get("layers", 0))
     return model, tokenizer, source
 
 
@@ -118,13 +143,19 @@ def add_lora(
     dropout: float,
     target_modules: str | list[str],
     gradient_checkpointing: bool,
+    method: str = "qlora",
 ):
-    """prepare_model_for_kbit_training + PEFT LoRA (all linear layers but the head by default)."""
-    model = prepare_model_for_kbit_training(
-        model,
-        use_gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-    )
+    """PEFT LoRA (all linear layers but the head by default) on a 4-bit base
+    (prepare_model_for_kbit_training first) or a 16-bit one."""
+    if method == "qlora":
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        checkpointing(model)
+        model.enable_input_require_grads()  # frozen embeddings: checkpoints need a grad input
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
@@ -135,10 +166,17 @@ def add_lora(
     return get_peft_model(model, config)
 
 
+def checkpointing(model) -> None:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def count_params(model) -> tuple[int, int]:
     """(trainable, total) parameters; 4-bit weights count as their logical element count."""
-    trainable, total = model.get_nb_trainable_parameters()
-    return int(trainable), int(total)
+    if hasattr(model, "get_nb_trainable_parameters"):  # PEFT
+        trainable, total = model.get_nb_trainable_parameters()
+        return int(trainable), int(total)
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
 
 
 def prepare_models(config_path: Path) -> None:

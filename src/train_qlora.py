@@ -103,8 +103,9 @@ def train_and_evaluate(spec: dict, memory: PeakMemory, started: float) -> TrialR
     trainer.train()
     emit("evaluating", examples=len(eval_rows))
     metrics = objective.evaluate(model, tokenizer, eval_rows, eval_settings(spec), out_dir)
-    model.save_pretrained(out_dir / "adapter")  # adapter weights only, safetensors
-    tokenizer.save_pretrained(out_dir / "adapter")
+    weights = out_dir / ("model" if params.get("method") == "full" else "adapter")
+    model.save_pretrained(weights)  # LoRA: the adapter weights only; safetensors
+    tokenizer.save_pretrained(weights)
 
     peak, kind, nvml = memory.read()
     trainable, total = models.count_params(model)
@@ -139,24 +140,34 @@ def eval_settings(spec: dict) -> dict:
         "data_dir": spec["data_dir"],
         "cache_dir": spec["cache_dir"],
         "judge_model": spec.get("judge_model"),
+        "model": spec["model"],  # a fully fine-tuned model has no adapter to switch off
     }
 
 
 def setup(model_spec: dict, params: dict, train_cfg: dict, cache_dir: Path):
-    """Base model in 4-bit NF4, then LoRA with the sampled rank, alpha and dropout."""
-    model, tokenizer, source = models.load_base(model_spec, train_cfg["compute_dtype"], cache_dir)
-    model = models.add_lora(
-        model,
-        params["r"],
-        params["lora_alpha"],
-        params["dropout"],
-        train_cfg["target_modules"],
-        train_cfg["gradient_checkpointing"],
-    )
+    """qlora: base in 4-bit NF4, then LoRA with the sampled rank, alpha and dropout; lora: the
+    same on a 16-bit base; full: every weight of the 16-bit base trains."""
+    method = params.get("method", "qlora")
+    dtype = train_cfg["compute_dtype"]
+    model, tokenizer, source = models.load_base(model_spec, dtype, cache_dir, method)
+    if method == "full":
+        if train_cfg["gradient_checkpointing"]:
+            models.checkpointing(model)
+    else:
+        model = models.add_lora(
+            model,
+            params["r"],
+            params["lora_alpha"],
+            params["dropout"],
+            train_cfg["target_modules"],
+            train_cfg["gradient_checkpointing"],
+            method,
+        )
     emit(
         "model",
         source=source,
-        dtype=str(models.compute_dtype(train_cfg["compute_dtype"])).removeprefix("torch."),
+        method=method,
+        dtype=str(models.compute_dtype(dtype)).removeprefix("torch."),
     )
     return model, tokenizer
 

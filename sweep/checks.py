@@ -15,6 +15,7 @@ from pathlib import Path
 import optuna
 
 from objectives import OBJECTIVES
+from sweep import space
 from sweep.config import Component, Config, Study
 from sweep.errors import ConfigError, unknown
 
@@ -22,7 +23,7 @@ from sweep.errors import ConfigError, unknown
 def before_run(cfg: Config, study: Study, storage_url: str | None) -> None:
     key = f"studies.{study.name}"
     objective = OBJECTIVES[study.task]
-    make_sampler(study.sampler, f"{key}.sampler")
+    make_sampler(study.sampler, f"{key}.sampler", study)
     make_pruner(study.pruner, f"{key}.pruner")
     if study.data.dir is not None:
         check_data_dir(study.data.dir, objective.LOCAL_FILES, f"{key}.data.dir")
@@ -141,8 +142,24 @@ class RetryOrphans:
             self.retry(study, trial)
 
 
-def make_sampler(spec: Component, key: str = "sampler") -> optuna.samplers.BaseSampler:
+def make_sampler(
+    spec: Component, key: str = "sampler", study: Study | None = None
+) -> optuna.samplers.BaseSampler:
+    if spec.name == "GridSampler" and study is not None:
+        kwargs = {"search_space": space.grid(study), **spec.kwargs}
+        try:
+            return GridInLoop(**kwargs)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"GridSampler: {err}", key) from None
     return _component(optuna.samplers, "sampler", spec, key)
+
+
+class GridInLoop(optuna.samplers.GridSampler):
+    """GridSampler for an ask/tell loop: it calls `study.stop()` when the grid is done, which
+    only works inside `study.optimize`; the sweep's loop asks `is_exhausted` instead."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
 
 
 def make_pruner(spec: Component, key: str = "pruner") -> optuna.pruners.BasePruner:

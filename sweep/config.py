@@ -33,9 +33,12 @@ class FloatRange:
 class Space:
     """Search-space bounds; the conditional structure lives in `sweep/space.py`."""
 
+    # qlora: 4-bit NF4 base + LoRA; lora: 16-bit base + LoRA; full: every weight trained
+    method: tuple[str, ...] = ("qlora",)
     r: tuple[int, ...] = (4, 8, 16, 32, 64)  # LoRA rank candidates
     alpha_multiple: tuple[float, ...] = (1.0, 2.0)  # lora_alpha = multiple * r
     lr: FloatRange = FloatRange(1e-5, 5e-4, log=True)  # learning rate, log-uniform
+    lr_full: FloatRange = FloatRange(1e-6, 1e-4, log=True)  # full fine-tuning's own lr
     dropout: FloatRange = FloatRange(0.0, 0.1)  # LoRA dropout, uniform
 
 
@@ -92,6 +95,7 @@ class Model:
     package: str | None = None  # an installed Python package that ships a GGUF file
     gguf_file: str | None = None
     trust_remote_code: bool = False
+    layers: int = 0  # keep only the first N transformer layers (a smaller model); 0 = all
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,7 +361,7 @@ def _resolve(root: Path, value: str) -> Path:
 
 def _check_values(study: Study, key: str) -> None:
     space, train = study.space, study.train
-    for name in ("lr", "dropout"):
+    for name in ("lr", "lr_full", "dropout"):
         rng: FloatRange = getattr(space, name)
         if rng.low >= rng.high and not rng.fixed:
             raise ConfigError(
@@ -365,15 +369,16 @@ def _check_values(study: Study, key: str) -> None:
                 "a plain number fixes the value",
                 f"{key}.space.{name}",
             )
-    if space.lr.low <= 0:
-        raise ConfigError("learning rates must be > 0", f"{key}.space.lr.low")
+    for name in ("lr", "lr_full"):
+        if getattr(space, name).low <= 0:
+            raise ConfigError("learning rates must be > 0", f"{key}.space.{name}.low")
     if space.dropout.low < 0 or space.dropout.high >= 1:
         raise ConfigError("dropout must lie in [0, 1)", f"{key}.space.dropout")
-    for name in ("r", "alpha_multiple"):
+    for name in ("r", "alpha_multiple", "method"):
         values = getattr(space, name)
         if not values:
             raise ConfigError("needs at least one value", f"{key}.space.{name}")
-        if any(v <= 0 for v in values):
+        if name != "method" and any(v <= 0 for v in values):
             raise ConfigError("values must be > 0", f"{key}.space.{name}")
     positive = {
         "n_trials": study.n_trials,
@@ -399,6 +404,9 @@ def _check_values(study: Study, key: str) -> None:
     }.items():
         if value < 0:
             raise ConfigError(f"must be >= 0 (got {value})", f"{key}.{name}")
+    for i, method in enumerate(space.method):
+        if method not in METHODS:
+            raise unknown("method", method, METHODS, f"{key}.space.method[{i}]")
     _check_judge(study.eval.judge, f"{key}.eval.judge")
     if study.data.train_set is not None and study.task != "alpacaeval":
         raise ConfigError("only the alpacaeval task reads a train_set", f"{key}.data.train_set")
@@ -411,6 +419,7 @@ def _check_values(study: Study, key: str) -> None:
         )
 
 
+METHODS = ("qlora", "lora", "full")
 JUDGES = ("local", "openai")  # or "package.module:function"
 
 

@@ -35,6 +35,7 @@ def table(study: optuna.Study) -> Table:
     for col in (
         "#",
         "state",
+        "method",
         "model",
         "r",
         "alpha",
@@ -47,7 +48,7 @@ def table(study: optuna.Study) -> Table:
         "val loss",
         "duration",
     ):
-        t.add_column(col, justify="left" if col in ("state", "model") else "right")
+        t.add_column(col, justify="left" if col in ("state", "method", "model") else "right")
     for trial in study.trials:
         t.add_row(*row(trial))
     folders = [tr.user_attrs["trial_dir"] for tr in study.trials if "trial_dir" in tr.user_attrs]
@@ -81,6 +82,7 @@ def row(trial: optuna.trial.FrozenTrial) -> list[str]:
     return [
         str(trial.number),
         f"[{STATE_STYLE.get(state, 'white')}]{label}[/]",
+        str(p.get("method", a.get("method", "qlora"))),
         str(p.get("model", "")),
         _fmt(p.get("r"), "{}"),
         _fmt(alpha, "{:g}"),

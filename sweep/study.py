@@ -69,6 +69,9 @@ def run(
         if trial_process.INTERRUPT.is_set():
             tracker.close("KILLED")
             raise KeyboardInterrupt
+        if _grid_done(study):
+            console.print("every grid point has run")
+            break
         trial = study.ask()
         params = suggest(trial, study_cfg)
         console.print(f"[bold]trial {trial.number}[/] {params}")
@@ -98,7 +101,7 @@ def fail_orphans(study: optuna.Study, companion: optuna.Study, tracker: Tracker)
 
 def open_study(study_cfg: Study, storage, objective) -> optuna.Study:
     """Create or resume; a stored study of the same name must be the same task."""
-    sampler = checks.make_sampler(study_cfg.sampler)
+    sampler = checks.make_sampler(study_cfg.sampler, study=study_cfg)
     directions = [objective.DIRECTION, "minimize"]
     try:
         study = optuna.load_study(study_name=study_cfg.name, storage=storage, sampler=sampler)
@@ -121,6 +124,13 @@ def open_study(study_cfg: Study, storage, objective) -> optuna.Study:
             "--study",
         )
     return study
+
+
+def _grid_done(study: optuna.Study) -> bool:
+    if not isinstance(study.sampler, checks.GridInLoop):
+        return False
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))  # retries
+    return not waiting and study.sampler.is_exhausted(study)
 
 
 def _summary(study: optuna.Study, number: int) -> str:

@@ -97,6 +97,7 @@ class Tracker:
         for name in TRIAL_FILES:
             if (trial_dir / name).exists():
                 self.client.log_artifact(run_id, str(trial_dir / name))
-        if (trial_dir / "adapter").is_dir():
-            self.client.log_artifacts(run_id, str(trial_dir / "adapter"), "adapter")
+        for weights in ("adapter", "model"):  # LoRA adapter; a fully fine-tuned model
+            if (trial_dir / weights).is_dir():
+                self.client.log_artifacts(run_id, str(trial_dir / weights), weights)
         self.client.set_terminated(run_id, status=state)

@@ -186,3 +186,27 @@ def test_alpacaeval_study_with_the_local_judge(tmp_path, tiny_model, shared_data
     annotations = json.loads((tmp_path / "storage/trials/tiny/0/annotations.json").read_text())
     assert {a["generator_1"] for a in annotations} == {"gpt4_1106_preview"}
     assert all(1 <= a["preference"] <= 2 for a in annotations)
+
+
+def test_methods_grid_trains_lora_and_full_fine_tuning(tmp_path, tiny_model, shared_data):
+    cfg = write_config(tmp_path, tiny_model, shared_data)
+    grid = ['space.method=["lora", "full"]', 'sampler={name="GridSampler"}', "space.r=[4]",
+            "space.lr=5e-4", "space.lr_full=5e-5", "space.dropout=0.0", "n_trials=5"]  # fmt: skip
+    out = run_cli("run", "--study", "tiny", "--config", str(cfg), *_sets(grid))
+    assert out.returncode == 0, out.stderr[-3000:]
+    trials = study_trials(tmp_path)
+    assert len(trials) == 2  # the grid's two points, though n_trials is 5
+    by_method = {t.params["method"]: t for t in trials}
+    assert set(by_method) == {"lora", "full"}
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    assert by_method["full"].user_attrs["trainable_pct"] == 100.0
+    assert by_method["lora"].user_attrs["trainable_pct"] < 50
+    folder = tmp_path / "storage" / "trials" / "tiny"
+    full, lora = by_method["full"].number, by_method["lora"].number
+    assert (folder / str(full) / "model" / "model.safetensors").is_file()
+    assert (folder / str(lora) / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((folder / str(full) / "spec.json").read_text())["params"]["lr"] == 5e-5
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
