@@ -1,4 +1,4 @@
-"""Command line: `python -m sweep {run,status,score} ...`."""
+"""Command line: `python -m sweep {run,status,best,report,export,dashboard,ui,score} ...`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+import optuna
 
 from sweep import checks, config, status, study
 from sweep.errors import ConfigError
@@ -26,11 +28,62 @@ def cmd_run(args: argparse.Namespace) -> None:
     )
 
 
-def cmd_status(args: argparse.Namespace) -> None:
+def _open(args: argparse.Namespace, study_name: str | None):
+    """(config, storage, study or None) for the commands that read a study."""
     cfg = config.load(args.config)
     url = config.resolve_url(args.storage, Path.cwd()) if args.storage else cfg.storage.optuna
     checks.check_storage_url(url)
-    status.show(args.study, checks.make_storage(url))
+    storage = checks.make_storage(url)
+    return cfg, storage, status.load(study_name, storage) if study_name else None
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    status.show(_open(args, args.study)[2])
+
+
+def cmd_best(args: argparse.Namespace) -> None:
+    from sweep import best
+
+    best.show(_open(args, args.study)[2])
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from sweep import best
+
+    out = best.export(_open(args, args.study)[2], args.trial, args.out.resolve())
+    print(f"exported to {out}: load it with PeftModel.from_pretrained(base_model, {str(out)!r})")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from sweep import report, tracking
+
+    cfg, storage, study = _open(args, args.study)
+    out = (args.out or cfg.storage.reports / args.study).resolve()
+    try:
+        companion = optuna.load_study(study_name=f"{args.study}--val-loss", storage=storage)
+    except KeyError:
+        companion = None
+    budget = study.user_attrs.get("vram_budget_gb", 0.0)
+    path = report.write(study, companion, out, budget, args.examples, args.max_new_tokens)
+    run_id = tracking.log_report(cfg.storage.mlflow, args.study, out)
+    print(f"report: {path} and {path.with_suffix('.html')}")
+    if run_id:
+        print(f"logged to MLflow run {run_id} (experiment {args.study}), folder report/")
+
+
+def cmd_dashboard(args: argparse.Namespace) -> None:
+    from sweep import servers
+
+    cfg, _, study = _open(args, args.study)
+    url = config.resolve_url(args.storage, Path.cwd()) if args.storage else cfg.storage.optuna
+    servers.dashboard(url, args.host, args.port, study._study_id if study else None)
+
+
+def cmd_ui(args: argparse.Namespace) -> None:
+    from sweep import servers
+
+    cfg = config.load(args.config)
+    servers.ui(cfg.storage.mlflow, cfg.storage.artifacts, args.host, args.port)
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -44,6 +97,32 @@ def cmd_score(args: argparse.Namespace) -> None:
 def _study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--study", required=True, help="study name: a [studies.NAME] table")
     p.add_argument("--storage", help="Optuna storage URL (default: [storage].optuna)")
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    _study_args(p)
+    p.add_argument("--trial", type=int, required=True, help="trial number (see status/best)")
+    p.add_argument("--out", type=Path, required=True, help="a new or empty folder")
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    _study_args(p)
+    p.add_argument("--out", type=Path, help="folder (default: storage/reports/STUDY)")
+    p.add_argument(
+        "--examples", type=int, default=3, help="prompts answered by base and best models (0: none)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=32, help="length of those answers")
+
+
+def _server_args(port: int, study: bool):
+    def add(p: argparse.ArgumentParser) -> None:
+        if study:
+            p.add_argument("--study", help="open this study's page")
+            p.add_argument("--storage", help="Optuna storage URL (default: [storage].optuna)")
+        p.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine)")
+        p.add_argument("--port", type=int, default=port, help=f"default: {port}")
+
+    return add
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -82,6 +161,11 @@ COMMANDS = {
         _study_args,
         "one row per trial: state, params, metric, peak memory, tokens/s",
     ),
+    "best": (cmd_best, _study_args, "the Pareto-optimal trials: best metric for its memory"),
+    "report": (cmd_report, _report_args, "plots and tables of a study (Markdown, HTML, MLflow)"),
+    "export": (cmd_export, _export_args, "copy a trial's adapter, config and metrics to a folder"),
+    "dashboard": (cmd_dashboard, _server_args(8080, True), "optuna-dashboard on the storage"),
+    "ui": (cmd_ui, _server_args(5000, False), "the MLflow UI on the tracking store"),
     "score": (cmd_score, _score_args, "task metrics of a predictions/annotations file, as JSON"),
 }
 

@@ -88,6 +88,18 @@ def check_writable(path: Path) -> None:
         raise ConfigError(f"cannot write {path} ({probe} is not writable)", "storage")
 
 
+def output_folder(path: Path, key: str) -> Path:
+    """Create `path` (a folder for command output) or say in one line why it cannot be."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".sweep-write-probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"cannot write to {path}: {err.strerror or err}", key) from None
+    return path
+
+
 def make_storage(url: str, heartbeat_s: int = 0, retries: int = 0) -> optuna.storages.BaseStorage:
     """Like optuna.storages.get_storage, plus `journal:PATH`, and for SQL storages a heartbeat.
 

@@ -125,6 +125,7 @@ class Storage:
     artifacts: Path
     trials: Path
     cache: Path  # converted models and other caches the trials make
+    reports: Path  # sweep report's default output: <reports>/<study>/
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +142,7 @@ DEFAULT_STORAGE = {
     "artifacts": "storage/mlartifacts",
     "trials": "storage/trials",
     "cache": "data",
+    "reports": "storage/reports",
 }
 STUDY_KEYS = {
     "task",
@@ -448,6 +450,7 @@ def _storage(table: dict, root: Path) -> Storage:
         artifacts=_resolve(root, merged["artifacts"]),
         trials=_resolve(root, merged["trials"]),
         cache=_resolve(root, merged["cache"]),
+        reports=_resolve(root, merged["reports"]),
     )
 
 

@@ -13,13 +13,16 @@ from sweep.errors import ConfigError
 STATE_STYLE = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan"}
 
 
-def show(study_name: str, storage) -> None:
+def load(study_name: str, storage) -> optuna.Study:
     try:
-        study = optuna.load_study(study_name=study_name, storage=storage, sampler=None)
+        return optuna.load_study(study_name=study_name, storage=storage, sampler=None)
     except KeyError:
         raise ConfigError(
             f"no study {study_name!r} in this storage yet (run it first)", "--study"
         ) from None
+
+
+def show(study: optuna.Study) -> None:
     console = Console()
     if not console.is_terminal:  # piped or redirected: keep rows whole instead of 80 columns
         console = Console(width=200)

@@ -40,11 +40,9 @@ class Tracker:
         self.client.update_run(self.parent_id, status="RUNNING")  # a resumed study runs again
 
     def _parent_run(self, study: str, tags: dict[str, str]) -> str:
-        found = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'study'", max_results=1
-        )
+        found = parent_run(self.client, self.experiment_id)
         if found:
-            return found[0].info.run_id
+            return found
         run = self.client.create_run(
             self.experiment_id, run_name=study, tags={ROLE_TAG: "study", **tags}
         )
@@ -101,3 +99,24 @@ class Tracker:
             if (trial_dir / weights).is_dir():
                 self.client.log_artifacts(run_id, str(trial_dir / weights), weights)
         self.client.set_terminated(run_id, status=state)
+
+
+def log_report(tracking_uri: str, study: str, folder: Path) -> str | None:
+    """The report's files into the study's parent run (folder report/); its run id, or None
+    when the study has no MLflow experiment in this store."""
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(study)
+    if experiment is None:
+        return None
+    run_id = parent_run(client, experiment.experiment_id)
+    if run_id:
+        client.log_artifacts(run_id, str(folder), "report")
+    return run_id
+
+
+def parent_run(client: MlflowClient, experiment_id: str) -> str | None:
+    """The study's parent run in its experiment."""
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'study'", max_results=1
+    )
+    return found[0].info.run_id if found else None

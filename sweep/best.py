@@ -1,0 +1,92 @@
+"""`sweep best`: the Pareto-optimal trials; `sweep export`: one trial's adapter, ready to use.
+
+python -m sweep best --study demo
+python -m sweep export --study demo --trial 2 --out my-adapter
+# then: PeftModel.from_pretrained(base_model, "my-adapter")
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import optuna
+from rich.console import Console
+from rich.table import Table
+
+from sweep import report
+from sweep.checks import output_folder
+from sweep.errors import ConfigError
+
+
+def show(study: optuna.Study) -> None:
+    rows = {r["number"]: r for r in report.trial_rows(study)}
+    front = sorted(study.best_trials, key=lambda t: t.values[1])
+    if not front:
+        raise ConfigError(
+            f"study {study.study_name!r} has no complete feasible trial yet", "--study"
+        )
+    metric = study.metric_names[0] if study.metric_names else "metric"
+    t = Table(title=f"study {study.study_name}: Pareto-optimal trials ({metric} vs peak memory)")
+    for col in ("#", "method", "model", "r", "lr", metric, "peak GiB", "trial folder"):
+        t.add_column(col, justify="left" if col in ("method", "model", "trial folder") else "right")
+    for trial in front:
+        r = rows[trial.number]
+        t.add_row(
+            str(r["number"]),
+            r["method"],
+            r["model"],
+            str(r["r"] or ""),
+            f"{r['lr']:.2e}",
+            f"{trial.values[0]:.4f}",
+            f"{trial.values[1]:.2f}",
+            r["trial_dir"] or "",
+        )
+    s = report.pruning_summary(list(rows.values()))
+    t.caption = (
+        f"{len(rows)} trials: {s['complete']} complete, {s['infeasible']} infeasible, "
+        f"{s['pruned']} pruned, {s['fail']} failed · training tokens {s['tokens_spent']:,}"
+        f" (pruner saved ~{s['tokens_saved_estimate']:,})"
+    )
+    Console(width=200).print(t)
+
+
+def export(study: optuna.Study, number: int, out: Path) -> Path:
+    """Copy the trial's adapter (or fully fine-tuned model) with its config and metrics."""
+    trials = study.get_trials(deepcopy=False)
+    if not 0 <= number < len(trials):
+        raise ConfigError(
+            f"no trial {number} in study {study.study_name!r} (it has trials 0..{len(trials) - 1})",
+            "--trial",
+        )
+    trial = trials[number]
+    folder = Path(trial.user_attrs.get("trial_dir", "/nonexistent"))
+    weights = next((folder / w for w in ("adapter", "model") if (folder / w).is_dir()), None)
+    if weights is None:
+        raise ConfigError(
+            f"trial {number} is {trial.state.name.lower()} and saved no adapter", "--trial"
+        )
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} exists and is not an empty folder", "--out")
+    output_folder(out, "--out")
+    shutil.copytree(weights, out, dirs_exist_ok=True)
+    for name in ("config.json", "result.json"):
+        if (folder / name).is_file():
+            shutil.copy2(folder / name, out / f"sweep-{name}")
+    summary = {
+        "study": study.study_name,
+        "trial": number,
+        "params": trial.params,
+        "values": dict(
+            zip(
+                study.metric_names or ["metric", "peak_memory_gib"],
+                trial.values or [],
+                strict=False,
+            )
+        ),
+        "metrics": trial.user_attrs.get("metrics", {}),
+        "kind": weights.name,  # adapter: PeftModel.from_pretrained; model: AutoModel...
+    }
+    (out / "sweep-trial.json").write_text(json.dumps(summary, indent=2))
+    return out
