@@ -21,7 +21,7 @@ from sweep.config import Config, Study
 from sweep.errors import ConfigError
 from sweep.space import suggest
 from sweep.tracking import Tracker
-from sweep.trial import run_one
+from sweep.trial import ask, run_one
 
 console = Console()
 
@@ -72,7 +72,7 @@ def run(
         if _grid_done(study):
             console.print("every grid point has run")
             break
-        trial = study.ask()
+        trial = ask(study)
         params = suggest(trial, study_cfg)
         console.print(f"[bold]trial {trial.number}[/] {params}")
         state = run_one(cfg, study_cfg, trial, params, companion, tracker)
@@ -88,8 +88,10 @@ def fail_orphans(study: optuna.Study, companion: optuna.Study, tracker: Tracker)
     heartbeat is stale; each is queued again with its parameters (`retries`), and its MLflow
     run is closed as failed. Their trial processes died with that sweep (PR_SET_PDEATHSIG)."""
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    optuna.storages.fail_stale_trials(study)
-    optuna.storages.fail_stale_trials(companion)
+    with warnings.catch_warnings():  # "experimental" since Optuna 2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+        optuna.storages.fail_stale_trials(companion)
     for old in running:
         if study.get_trials(deepcopy=False)[old.number].state != TrialState.FAIL:
             continue  # still beating: another live sweep process runs it

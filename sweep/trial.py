@@ -13,6 +13,7 @@ import dataclasses
 import json
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import optuna
@@ -41,7 +42,7 @@ def run_one(
     trial_dir = cfg.storage.trials / study_cfg.name / str(trial.number)
     trial_dir.mkdir(parents=True, exist_ok=True)
     spec_path = write_spec(cfg, study_cfg, params, trial_dir)
-    mirror = companion.ask()
+    mirror = ask(companion)
     mirror.set_user_attr("trial_number", trial.number)
     run_id = tracker.start_trial(trial.number, params, {"trial_dir": str(trial_dir)})
     trial.set_user_attr("mlflow_run_id", run_id)
@@ -68,6 +69,14 @@ def run_one(
         companion.tell(mirror, state=state if state != TrialState.COMPLETE else TrialState.FAIL)
     tracker.finish_trial(run_id, result, trial_dir, MLFLOW_STATE[state])
     return state
+
+
+def ask(study: optuna.Study) -> optuna.Trial:
+    """study.ask(), without Optuna's warning that heartbeats belong to study.optimize: this
+    sweep beats from its own loop (Heartbeat below)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Heartbeat of storage is supposed", UserWarning)
+        return study.ask()
 
 
 class Watch:
