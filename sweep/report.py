@@ -64,8 +64,7 @@ def _max_steps(trial_dir: str | None) -> int | None:
 
 def label(row: dict) -> str:
     rank = f" r{row['r']}" if row["r"] else ""
-    method = "" if row["method"] == "qlora" else f" {row['method']}"
-    return f"#{row['number']} {row['model']}{method}{rank}"
+    return f"#{row['number']} {row['model']} {row['method']}{rank}"
 
 
 def pruning_summary(rows: list[dict]) -> dict:
