@@ -15,13 +15,13 @@ import optuna
 from rich.console import Console
 from rich.table import Table
 
-from sweep import report
+from sweep import rows as trial_rows
 from sweep.checks import output_folder
 from sweep.errors import ConfigError
 
 
 def show(study: optuna.Study) -> None:
-    rows = {r["number"]: r for r in report.trial_rows(study)}
+    rows = {r["number"]: r for r in trial_rows.trial_rows(study)}
     front = sorted(study.best_trials, key=lambda t: t.values[1])
     if not front:
         raise ConfigError(
@@ -43,7 +43,7 @@ def show(study: optuna.Study) -> None:
             f"{trial.values[1]:.2f}",
             r["trial_dir"] or "",
         )
-    s = report.pruning_summary(list(rows.values()))
+    s = trial_rows.pruning_summary(list(rows.values()))
     t.caption = (
         f"{len(rows)} trials: {s['complete']} complete, {s['infeasible']} infeasible, "
         f"{s['pruned']} pruned, {s['fail']} failed · training tokens {s['tokens_spent']:,}"
