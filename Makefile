@@ -21,6 +21,8 @@ install: $(BIN)/python
 demo: install
 	$(BIN)/python -m sweep run --study demo
 	$(BIN)/python -m sweep status --study demo
+	$(BIN)/python -m sweep best --study demo
+	@echo "next: $(BIN)/python -m sweep report --study demo  (plots in storage/reports/demo/)"
 
 test: install
 	$(BIN)/python -m pytest -m "not gpu" -q --durations=10

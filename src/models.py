@@ -184,9 +184,10 @@ def prepare_models(config_path: Path) -> None:
     from sweep.config import load
 
     cfg = load(config_path)
-    for model in cfg.models.values():
-        if model.package and importlib.util.find_spec(model.package):
-            print(convert_gguf(model.package, model.gguf_file, cfg.storage.cache))
+    shipped = {(m.package, m.gguf_file) for m in cfg.models.values() if m.package}
+    for package, gguf_file in sorted(shipped):  # several aliases may share one file
+        if importlib.util.find_spec(package):
+            print(convert_gguf(package, gguf_file, cfg.storage.cache))
 
 
 if __name__ == "__main__":
