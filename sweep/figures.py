@@ -12,6 +12,7 @@ import dataclasses
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -86,8 +87,11 @@ def _png(fig: Figure, path: Path) -> None:
             ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     if fig.vline:
         ax.axvline(fig.vline[0], color="tab:red", linestyle="--", label=fig.vline[1])
-    if fig.xlog:
-        ax.set_xscale("log")
+    if fig.xlog:  # ranks (integers) on a base-2 axis with plain numbers, rates on base 10
+        ranks = all(float(v).is_integer() for s in fig.series for v in s.x)
+        ax.set_xscale("log", base=2 if ranks else 10)
+        if ranks:
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set(title=fig.title, xlabel=fig.xlabel, ylabel=fig.ylabel)
     ax.grid(alpha=0.3)
     if len(fig.series) > 1 or fig.vline:
