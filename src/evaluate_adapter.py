@@ -12,33 +12,19 @@ import argparse
 import json
 from pathlib import Path
 
-from peft import PeftModel
-
 from objectives import OBJECTIVES
 from src import models
+from src.data import eval_rows
 from src.train_qlora import eval_settings
 
 
 def evaluate(trial_dir: Path, max_examples: int) -> dict:
     spec = json.loads((trial_dir / "spec.json").read_text())
-    train, method = spec["train"], spec["params"].get("method", "qlora")
-    if method == "full":
-        model_dir = str(trial_dir / "model")
-        tokenizer = models.load_tokenizer(model_dir)
-        model = models.load_16bit_model(model_dir, models.compute_dtype(train["compute_dtype"]))
-    else:
-        base, tokenizer, _ = models.load_base(
-            spec["model"], train["compute_dtype"], Path(spec["cache_dir"]), method
-        )
-        model = PeftModel.from_pretrained(base, trial_dir / "adapter", use_safetensors=True)
-    objective = OBJECTIVES[spec["task"]]
-    data_dir = Path(spec["data_dir"]) if spec["data_dir"] else None
-    rows = objective.load(
-        data_dir, 1, 1, max_examples, train["seed"], train["system_prompt"], spec.get("train_set")
-    )[2]
+    model, tokenizer = models.load_trained(trial_dir, spec)
+    rows = eval_rows(spec, max_examples)
     out_dir = trial_dir / "reevaluated"
     out_dir.mkdir(exist_ok=True)
-    return objective.evaluate(model, tokenizer, rows, eval_settings(spec), out_dir)
+    return OBJECTIVES[spec["task"]].evaluate(model, tokenizer, rows, eval_settings(spec), out_dir)
 
 
 if __name__ == "__main__":

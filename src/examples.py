@@ -15,44 +15,28 @@ import sys
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 
-from objectives import OBJECTIVES
 from src import models
+from src.data import eval_rows
 from src.generation import generate
-
-
-def prompts(spec: dict, n: int) -> list[dict]:
-    """The first `n` rows of the trial's evaluation set (seeded, so the same for every trial)."""
-    train = spec["train"]
-    data_dir = Path(spec["data_dir"]) if spec["data_dir"] else None
-    rows = OBJECTIVES[spec["task"]].load(
-        data_dir, 1, 1, n, train["seed"], train["system_prompt"], spec.get("train_set")
-    )[2]
-    return rows[:n]
 
 
 def answers(trial_dir: Path, rows: list[dict], max_new_tokens: int, base: bool) -> dict:
     """{"trial": ..., "base": ...}: the trained model's answers, and its base model's."""
     spec = json.loads((trial_dir / "spec.json").read_text())
-    method, dtype = spec["params"].get("method", "qlora"), spec["train"]["compute_dtype"]
-    cache = Path(spec["cache_dir"])
-    out = {}
-    if method == "full":
-        tokenizer = models.load_tokenizer(str(trial_dir / "model"))
-        model = models.load_16bit_model(str(trial_dir / "model"), models.compute_dtype(dtype))
-        out["trial"] = generate(model, tokenizer, rows, 8, max_new_tokens)
-        if base:
-            base_model, tokenizer, _ = models.load_base(spec["model"], dtype, cache, "lora")
-            out["base"] = generate(base_model, tokenizer, rows, 8, max_new_tokens)
-        return out
+    method = spec["params"].get("method", "qlora")
     # On the CPU, bitsandbytes dequantizes every 4-bit weight for every generated token
     # (minutes for a few answers); the examples there use the unquantized base + the adapter.
     load_as = method if torch.cuda.is_available() else "lora"
-    base_model, tokenizer, _ = models.load_base(spec["model"], dtype, cache, load_as)
-    model = PeftModel.from_pretrained(base_model, trial_dir / "adapter", use_safetensors=True)
-    out["trial"] = generate(model, tokenizer, rows, 8, max_new_tokens)
-    if base:
+    model, tokenizer = models.load_trained(trial_dir, spec, load_as)
+    out = {"trial": generate(model, tokenizer, rows, 8, max_new_tokens)}
+    if not base:
+        return out
+    if method == "full":  # no adapter to switch off: load the 16-bit base itself
+        dtype, cache = spec["train"]["compute_dtype"], Path(spec["cache_dir"])
+        base_model, tokenizer, _ = models.load_base(spec["model"], dtype, cache, "lora")
+        out["base"] = generate(base_model, tokenizer, rows, 8, max_new_tokens)
+    else:
         with model.disable_adapter():
             out["base"] = generate(model, tokenizer, rows, 8, max_new_tokens)
     return out
@@ -62,7 +46,7 @@ def main(request_path: Path, out_path: Path) -> None:
     request = json.loads(request_path.read_text())
     trials = request["trials"]
     first = json.loads((Path(trials[0]["dir"]) / "spec.json").read_text())
-    rows = prompts(first, request["n"])
+    rows = eval_rows(first, request["n"])[: request["n"]]
     table = {"prompts": [r["messages"][-1]["content"] for r in rows], "reference": [], "base": {}}
     table["reference"] = [_reference(r) for r in rows]
     table["answers"] = {}

@@ -166,6 +166,21 @@ def add_lora(
     return get_peft_model(model, config)
 
 
+def load_trained(trial_dir: Path, spec: dict, base_method: str | None = None):
+    """(model, tokenizer) a trial trained: its fully fine-tuned `model/`, or its base (loaded
+    as `base_method`, default the trial's own method) with its `adapter/`."""
+    from peft import PeftModel
+
+    method, dtype = spec["params"].get("method", "qlora"), spec["train"]["compute_dtype"]
+    if method == "full":
+        folder = str(trial_dir / "model")
+        return load_16bit_model(folder, compute_dtype(dtype)), load_tokenizer(folder)
+    base, tokenizer, _ = load_base(
+        spec["model"], dtype, Path(spec["cache_dir"]), base_method or method
+    )
+    return PeftModel.from_pretrained(base, trial_dir / "adapter", use_safetensors=True), tokenizer
+
+
 def checkpointing(model) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 

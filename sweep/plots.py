@@ -4,7 +4,7 @@ validation-loss curves, training tokens, throughput."""
 from __future__ import annotations
 
 from sweep.figures import Figure, Series
-from sweep.rows import label, ranked
+from sweep.rows import label, ranked, unspent_tokens
 
 TOP = 3  # best trials whose curves are shown
 
@@ -126,10 +126,7 @@ def tokens_figure(rows: list[dict]) -> Figure:
     total_spent = total_full = 0
     for r in rows:
         total_spent += r["train_tokens"]
-        extra = 0
-        if r["state"] == "pruned" and r["steps"] and r["max_steps"]:
-            extra = (r["max_steps"] - r["steps"]) * r["train_tokens"] / r["steps"]
-        total_full += r["train_tokens"] + extra
+        total_full += r["train_tokens"] + unspent_tokens(r)
         x.append(r["number"])
         spent.append(total_spent)
         full.append(total_full)

@@ -9,21 +9,44 @@ import optuna
 from optuna.trial import TrialState
 
 
+def is_infeasible(t: optuna.trial.FrozenTrial) -> bool:
+    """COMPLETE but over the memory budget or out of memory (constraint > 0)."""
+    return t.state == TrialState.COMPLETE and any(v > 0 for v in t.constraints.values())
+
+
+def method(t: optuna.trial.FrozenTrial) -> str:
+    """Searched (a param) or fixed (a user attribute); studies from before methods: qlora."""
+    return t.params.get("method", t.user_attrs.get("method", "qlora"))
+
+
+def learning_rate(t: optuna.trial.FrozenTrial) -> float | None:
+    """LoRA's lr or full fine-tuning's lr_full, searched or fixed."""
+    p, a = t.params, t.user_attrs
+    return p.get("lr", p.get("lr_full", a.get("lr", a.get("lr_full"))))
+
+
+def unspent_tokens(row: dict) -> float:
+    """The tokens a pruned trial did not train: its remaining steps at its own tokens/step."""
+    if row["state"] == "pruned" and row["steps"] and row["max_steps"]:
+        return (row["max_steps"] - row["steps"]) * row["train_tokens"] / row["steps"]
+    return 0.0
+
+
 def trial_rows(study: optuna.Study) -> list[dict]:
     """One dict per trial: what the tables and plots are drawn from."""
     rows = []
     for t in study.get_trials(deepcopy=False):
         p, a = t.params, t.user_attrs
-        infeasible = t.state == TrialState.COMPLETE and any(v > 0 for v in t.constraints.values())
+        infeasible = is_infeasible(t)
         state = "infeasible" if infeasible else t.state.name.lower()
         rows.append(
             {
                 "number": t.number,
                 "state": state,
-                "method": p.get("method", a.get("method", "qlora")),
+                "method": method(t),
                 "model": p.get("model", ""),
                 "r": p.get("r"),
-                "lr": p.get("lr", p.get("lr_full", a.get("lr", a.get("lr_full")))),
+                "lr": learning_rate(t),
                 "metric": t.values[0] if t.values and not infeasible else None,
                 "peak_gib": a.get("peak_memory_gib"),
                 "tokens_per_s": a.get("train_tokens_per_s"),
@@ -53,10 +76,7 @@ def label(row: dict) -> str:
 def pruning_summary(rows: list[dict]) -> dict:
     """Training tokens spent, and saved by stopping pruned trials before their last step."""
     spent = sum(r["train_tokens"] for r in rows)
-    saved = 0
-    for r in rows:
-        if r["state"] == "pruned" and r["steps"] and r["max_steps"]:
-            saved += (r["max_steps"] - r["steps"]) * r["train_tokens"] / r["steps"]
+    saved = sum(unspent_tokens(r) for r in rows)
     counts = {s: sum(r["state"] == s for r in rows) for s in ("complete", "pruned", "fail")}
     counts["infeasible"] = sum(r["state"] == "infeasible" for r in rows)
     return {"tokens_spent": spent, "tokens_saved_estimate": int(saved), **counts}

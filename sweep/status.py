@@ -8,6 +8,7 @@ import optuna
 from rich.console import Console
 from rich.table import Table
 
+from sweep import rows
 from sweep.errors import ConfigError
 
 STATE_STYLE = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan"}
@@ -71,7 +72,7 @@ def row(trial: optuna.trial.FrozenTrial) -> list[str]:
     p, a = trial.params, trial.user_attrs
     state = trial.state.name
     label = state.lower()
-    if state == "COMPLETE" and any(v > 0 for v in trial.constraints.values()):
+    if rows.is_infeasible(trial):
         label = f"infeasible ({a.get('reason') or 'constraint'})"
     elif state == "FAIL" and a.get("reason"):
         label = f"fail ({a['reason']})"
@@ -79,13 +80,13 @@ def row(trial: optuna.trial.FrozenTrial) -> list[str]:
     if peak and a.get("memory_kind") == "cpu_rss":
         peak += " RSS"
     duration = trial.duration.total_seconds() if trial.duration else None
-    lr = p.get("lr", a.get("lr"))
+    lr = rows.learning_rate(trial)
     dropout = p.get("dropout", a.get("dropout"))
     alpha = p["r"] * p["alpha_multiple"] if "r" in p and "alpha_multiple" in p else None
     return [
         str(trial.number),
         f"[{STATE_STYLE.get(state, 'white')}]{label}[/]",
-        str(p.get("method", a.get("method", "qlora"))),
+        rows.method(trial),
         str(p.get("model", "")),
         _fmt(p.get("r"), "{}"),
         _fmt(alpha, "{:g}"),
