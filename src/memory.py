@@ -14,13 +14,17 @@ GIB = 1024**3
 class PeakMemory:
     """Start before loading the model; `read()` at the end.
 
-    On CUDA, `torch.cuda.max_memory_reserved` is the figure optimised (what the allocator held);
-    NVML's per-process figure is sampled in a thread because NVML keeps no peak of its own.
+    On CUDA the recorded peak is what the process held on the card, as NVML counts it: the
+    caching allocator's peak reservation plus what lies outside it (CUDA context, cuBLAS
+    workspaces), measured as NVML's current figure minus the current reservation. NVML's own
+    figure is also sampled in a thread (it keeps no peak), as a cross-check.
     """
 
     def __init__(self, interval_s: float = 0.1):
         self.cuda = torch.cuda.is_available()
         self.nvml_peak = 0
+        self.nvml_now = 0
+        self.allocated_gib = self.reserved_gib = None
         self._stop = threading.Event()
         self._thread = None
         if self.cuda:
@@ -39,18 +43,27 @@ class PeakMemory:
         except Exception:  # NVML missing or refused: the torch figure still stands
             return
         pid = os.getpid()
-        while not self._stop.wait(interval_s):
+        while True:
+            stopping = self._stop.is_set()  # one last sample after read() asks to stop
             for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
                 if proc.pid == pid and proc.usedGpuMemory:
+                    self.nvml_now = proc.usedGpuMemory
                     self.nvml_peak = max(self.nvml_peak, proc.usedGpuMemory)
+            if stopping:
+                return
+            self._stop.wait(interval_s)
 
     def read(self) -> tuple[float, str, float | None]:
         """(peak GiB, what it measured, NVML peak GiB or None)."""
         self._stop.set()
         if self._thread:
-            self._thread.join(timeout=1)
+            self._thread.join(timeout=2)  # its last sample is taken now
         if self.cuda:
-            nvml = self.nvml_peak / GIB if self.nvml_peak else None
-            return torch.cuda.max_memory_reserved() / GIB, "cuda_reserved", nvml
+            self.allocated_gib = torch.cuda.max_memory_allocated() / GIB
+            self.reserved_gib = torch.cuda.max_memory_reserved() / GIB
+            if not self.nvml_now:  # no NVML: the allocator's figure alone
+                return self.reserved_gib, "cuda_reserved", None
+            outside = max(0, self.nvml_now - torch.cuda.memory_reserved())
+            return self.reserved_gib + outside / GIB, "cuda_process", self.nvml_peak / GIB
         rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
         return rss_kib * 1024 / GIB, "cpu_rss", None

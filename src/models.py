@@ -8,8 +8,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from src import speed
 
 
 def model_source(
@@ -143,19 +145,11 @@ def add_lora(
     dropout: float,
     target_modules: str | list[str],
     gradient_checkpointing: bool,
-    method: str = "qlora",
 ):
-    """PEFT LoRA (all linear layers but the head by default) on a 4-bit base
-    (prepare_model_for_kbit_training first) or a 16-bit one."""
-    if method == "qlora":
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif gradient_checkpointing:
-        checkpointing(model)
-        model.enable_input_require_grads()  # frozen embeddings: checkpoints need a grad input
+    """PEFT LoRA (all linear layers but the head by default) on a 4-bit or 16-bit base, with
+    the base's other weights left in the compute dtype (src/speed.py; the plain recipe's
+    fp32 upcast is in src/bench.py)."""
+    speed.freeze_for_lora(model, gradient_checkpointing)
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
@@ -179,10 +173,6 @@ def load_trained(trial_dir: Path, spec: dict, base_method: str | None = None):
         spec["model"], dtype, Path(spec["cache_dir"]), base_method or method
     )
     return PeftModel.from_pretrained(base, trial_dir / "adapter", use_safetensors=True), tokenizer
-
-
-def checkpointing(model) -> None:
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def count_params(model) -> tuple[int, int]:

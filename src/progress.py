@@ -23,6 +23,12 @@ class ProgressCallback(TrainerCallback):
         self.train_seconds = 0.0
         self._t0 = 0.0
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        emit("train_begin")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        emit("train_end")
+
     def on_step_begin(self, args, state, control, **kwargs):
         self._t0 = time.perf_counter()
 

@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainingArguments, set_seed
 
 from objectives import OBJECTIVES
-from src import models
+from src import models, speed
 from src.data import to_dataset
 from src.memory import PeakMemory
 from src.progress import ProgressCallback, emit
@@ -26,6 +26,7 @@ from sweep.results import Status, TrialResult, git_state, package_versions
 
 def main(spec_path: Path) -> TrialResult:
     """Train and evaluate; out of memory ends the trial as INFEASIBLE with the memory reached."""
+    emit("start")  # imports done: the sweep times a trial's phases by these events
     spec = json.loads(Path(spec_path).read_text())
     started = time.perf_counter()
     cap_memory(spec.get("vram_budget_gb", 0.0))
@@ -91,11 +92,13 @@ def train_and_evaluate(spec: dict, memory: PeakMemory, started: float) -> TrialR
     )
     emit("data", train=len(train_rows), val=len(val_rows), eval=len(eval_rows))
 
+    max_len = train_cfg["max_seq_len"]
+    needed = train_cfg["max_steps"] * train_cfg["batch_size"] * train_cfg["grad_accum"]
     trainer, progress = build_trainer(
         model,
         tokenizer,
-        train_rows,
-        val_rows,
+        to_dataset(tokenizer, train_rows[:needed], max_len),  # shuffled: only what trains
+        to_dataset(tokenizer, val_rows, max_len),
         train_cfg,
         params["lr"],
         out_dir,
@@ -146,13 +149,17 @@ def eval_settings(spec: dict) -> dict:
 
 def setup(model_spec: dict, params: dict, train_cfg: dict, cache_dir: Path):
     """qlora: base in 4-bit NF4, then LoRA with the sampled rank, alpha and dropout; lora: the
-    same on a 16-bit base; full: every weight of the 16-bit base trains."""
+    same on a 16-bit base; full: every weight of the 16-bit base trains. Fused kernels and
+    selective checkpointing as the [train] table says (src/speed.py)."""
     method = params.get("method", "qlora")
     dtype = train_cfg["compute_dtype"]
+    checkpointing = train_cfg["gradient_checkpointing"]
     model, tokenizer, source = models.load_base(model_spec, dtype, cache_dir, method)
+    kernels = speed.fuse_kernels(model, train_cfg["kernels"])
     if method == "full":
-        if train_cfg["gradient_checkpointing"]:
-            models.checkpointing(model)
+        model.config.use_cache = False
+        if checkpointing:
+            speed.checkpointing(model)
     else:
         model = models.add_lora(
             model,
@@ -160,14 +167,20 @@ def setup(model_spec: dict, params: dict, train_cfg: dict, cache_dir: Path):
             params["lora_alpha"],
             params["dropout"],
             train_cfg["target_modules"],
-            train_cfg["gradient_checkpointing"],
-            method,
+            checkpointing,
         )
+    recomputed = (
+        speed.checkpoint_share(model, train_cfg["checkpoint_share"]) if checkpointing else 0
+    )
+    compiled = speed.compile_layers(model, train_cfg["compile"])
     emit(
         "model",
         source=source,
         method=method,
         dtype=str(models.compute_dtype(dtype)).removeprefix("torch."),
+        kernels=kernels,
+        checkpointed_layers=recomputed,
+        compiled_layers=compiled,
     )
     return model, tokenizer
 
@@ -175,37 +188,38 @@ def setup(model_spec: dict, params: dict, train_cfg: dict, cache_dir: Path):
 def build_trainer(
     model,
     tokenizer,
-    train_rows: list,
-    val_rows: list,
+    train_set,
+    val_set,
     train_cfg: dict,
     lr: float,
     out_dir: Path,
 ) -> tuple[Trainer, ProgressCallback]:
-    max_len = train_cfg["max_seq_len"]
-    needed = train_cfg["max_steps"] * train_cfg["batch_size"] * train_cfg["grad_accum"]
-    train_rows = train_rows[:needed]  # already shuffled: tokenize only what training will see
+    """HF Trainer over tokenized datasets; `train_cfg["micro_batch"]` splits each batch into
+    micro-batches with gradient accumulation (same optimizer steps, less activation memory)."""
     cuda = torch.cuda.is_available()
+    micro = train_cfg["micro_batch"] or train_cfg["batch_size"]
     args = TrainingArguments(
         output_dir=str(out_dir / "hf"),
         max_steps=train_cfg["max_steps"],
-        per_device_train_batch_size=train_cfg["batch_size"],
-        # the validation loss runs at the training batch size: full-vocabulary logits of a
+        per_device_train_batch_size=micro,
+        # the validation loss runs at the micro-batch size: full-vocabulary logits of a
         # larger batch would set the trial's peak memory, which is an objective
-        per_device_eval_batch_size=train_cfg["batch_size"],
-        gradient_accumulation_steps=train_cfg["grad_accum"],
+        per_device_eval_batch_size=micro,
+        gradient_accumulation_steps=train_cfg["grad_accum"] * train_cfg["batch_size"] // micro,
         learning_rate=lr,
         warmup_steps=train_cfg["warmup_ratio"],  # a float < 1 is a fraction of max_steps
         lr_scheduler_type="cosine",
         optim=train_cfg["optimizer"],  # paged AdamW; bitsandbytes falls back to non-paged on CPU
-        eval_strategy="steps",
+        eval_strategy="steps" if val_set is not None else "no",
         eval_steps=train_cfg["eval_every"],
         logging_steps=1,
         save_strategy="no",
         report_to="none",
         bf16=cuda and models.compute_dtype(train_cfg["compute_dtype"]) == torch.bfloat16,
-        gradient_checkpointing=train_cfg["gradient_checkpointing"],
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        include_num_input_tokens_seen="non_padding",  # real tokens, not padding
+        # checkpointing is already set up per layer (src/speed.py); the Trainer would redo all
+        gradient_checkpointing=False,
+        # padding-free batches have no padding to leave out of the count
+        include_num_input_tokens_seen="all" if train_cfg["packing"] else "non_padding",
         seed=train_cfg["seed"],
         disable_tqdm=True,
         dataloader_pin_memory=cuda,
@@ -214,11 +228,9 @@ def build_trainer(
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=to_dataset(tokenizer, train_rows, max_len),
-        eval_dataset=to_dataset(tokenizer, val_rows, max_len),
-        data_collator=DataCollatorForSeq2Seq(
-            tokenizer, padding=True, pad_to_multiple_of=8 if cuda else None
-        ),
+        train_dataset=train_set,
+        eval_dataset=val_set,
+        data_collator=speed.collator(tokenizer, train_cfg["packing"], cuda),
         callbacks=[progress],
     )
     return trainer, progress

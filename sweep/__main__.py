@@ -94,6 +94,64 @@ def cmd_score(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=1))
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from sweep import bench
+
+    bench.overhead(args) if args.overhead else bench.run(args)
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default="0.5B",
+        help="Qwen2.5 shape (0.5B 1.5B 3B 7B 14B: a "
+        "random-weight checkpoint is built once) or a model folder",
+    )
+    p.add_argument("--seq", type=int, default=1024, help="tokens per sequence (default 1024)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank)")
+    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
+    p.add_argument("--steps", type=int, default=8, help="measured steps (median; default 8)")
+    p.add_argument("--warmup", type=int, default=3, help="steps before measuring (default 3)")
+    p.add_argument("--rounds", type=int, default=1, help="plain/trial alternations (default 1)")
+    p.add_argument("--study", default="sst2", help="whose [train] table the trial path uses")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME[:KEY=V,...]",
+        help="a trial-path variant with [train] overrides, e.g. "
+        "'no-ckpt:gradient_checkpointing=false' (repeatable; default: trial)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=Path("data/gpu-tokenizer"),
+        help="tokenizer saved with a built checkpoint",
+    )
+    p.add_argument("--out", type=Path, default=Path("docs/bench"), help="default: docs/bench")
+    p.add_argument(
+        "--profile", action="store_true", help="also profile one forward+backward of every recipe"
+    )
+    p.add_argument(
+        "--plain-no-autocast",
+        action="store_true",
+        help="also run the plain recipe without the Trainer's bf16 autocast",
+    )
+    p.add_argument(
+        "--overhead",
+        action="store_true",
+        help="time one real trial of --study (--steps steps) instead",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of --study, e.g. data.dir=... (repeatable)",
+    )
+
+
 def _study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--study", required=True, help="study name: a [studies.NAME] table")
     p.add_argument("--storage", help="Optuna storage URL (default: [storage].optuna)")
@@ -166,6 +224,7 @@ COMMANDS = {
     "export": (cmd_export, _export_args, "copy a trial's adapter, config and metrics to a folder"),
     "dashboard": (cmd_dashboard, _server_args(8080, True), "optuna-dashboard on the storage"),
     "ui": (cmd_ui, _server_args(5000, False), "the MLflow UI on the tracking store"),
+    "bench": (cmd_bench, _bench_args, "trial path vs the plain QLoRA recipe: speed, memory"),
     "score": (cmd_score, _score_args, "task metrics of a predictions/annotations file, as JSON"),
 }
 

@@ -54,14 +54,19 @@ class Component:
 class Train:
     max_steps: int = 200  # optimizer steps per trial
     eval_every: int = 50  # validation loss every N steps (what the pruner sees)
-    batch_size: int = 8  # examples per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
+    batch_size: int = 8  # examples per batch
+    grad_accum: int = 1  # batches per optimizer step
+    micro_batch: int = 0  # examples per forward pass (divides batch_size); 0 = the whole batch
     max_seq_len: int = 512  # longer examples are truncated
     train_examples: int = 0  # training examples used (0 = all)
     val_examples: int = 256  # held-out training examples for the validation loss
     optimizer: str = "paged_adamw_8bit"  # or paged_adamw_32bit (any HF Trainer optim name)
     warmup_ratio: float = 0.05
     gradient_checkpointing: bool = True
+    checkpoint_share: float = 1.0  # of the decoder layers recomputed (the rest keep activations)
+    kernels: str = "auto"  # Liger's fused kernels where they run (CUDA + Triton), or "none"
+    packing: bool = True  # padding-free batches of variable-length examples
+    compile: bool = False  # torch.compile each decoder layer (CUDA only)
     target_modules: str = "all-linear"  # PEFT: every linear layer except the output head
     compute_dtype: str = "auto"  # bfloat16 on CUDA, float32 on the CPU (bf16 matmul is slow there)
     system_prompt: str | None = None  # None keeps the chat template's default system prompt
@@ -412,6 +417,15 @@ def _check_values(study: Study, key: str) -> None:
     _check_judge(study.eval.judge, f"{key}.eval.judge")
     if study.data.train_set is not None and study.task != "alpacaeval":
         raise ConfigError("only the alpacaeval task reads a train_set", f"{key}.data.train_set")
+    if train.micro_batch < 0 or (train.micro_batch and train.batch_size % train.micro_batch):
+        raise ConfigError(
+            f"must divide train.batch_size ({train.batch_size}); 0 = the whole batch",
+            f"{key}.train.micro_batch",
+        )
+    if not 0 <= train.checkpoint_share <= 1:
+        raise ConfigError("must lie in [0, 1]", f"{key}.train.checkpoint_share")
+    if train.kernels not in KERNELS:
+        raise unknown("kernels", train.kernels, KERNELS, f"{key}.train.kernels")
     if train.compute_dtype not in ("auto", "bfloat16", "float16", "float32"):
         raise unknown(
             "dtype",
@@ -422,6 +436,7 @@ def _check_values(study: Study, key: str) -> None:
 
 
 METHODS = ("qlora", "lora", "full")
+KERNELS = ("auto", "none")
 JUDGES = ("local", "openai")  # or "package.module:function"
 
 

@@ -14,6 +14,8 @@ from importlib import metadata
 from pathlib import Path
 
 PACKAGES = (
+    "liger_kernel",
+    "triton",
     "torch",
     "transformers",
     "peft",
@@ -37,7 +39,7 @@ class TrialResult:
     status: Status
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     peak_memory_gib: float | None = None
-    memory_kind: str = ""  # "cuda_reserved" or "cpu_rss": what peak_memory_gib measured
+    memory_kind: str = ""  # "cuda_process" (as NVML counts), "cuda_reserved" or "cpu_rss"
     nvml_peak_gib: float | None = None
     trainable_params: int = 0
     total_params: int = 0

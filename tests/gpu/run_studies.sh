@@ -5,7 +5,7 @@
 set -u
 out=${1:?OUT_DIR}; data=${2:-$PWD/data/gpu-sample}; started=$SECONDS
 for shape in 0.5B 1.5B 3B 7B; do
-  python3 tests/gpu/build_random_qwen.py --shape $shape --tokenizer data/gpu-tokenizer \
+  python3 -m src.random_qwen --shape $shape --tokenizer data/gpu-tokenizer \
     --out /tmp/qwen2.5-${shape,,}-random >/dev/null || exit 1
 done
 echo "checkpoints built in $((SECONDS - started)) s"

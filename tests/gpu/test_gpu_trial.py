@@ -1,6 +1,6 @@
 """On the GPU machine: one real trial on a random-weight Qwen2.5-0.5B shape records CUDA memory.
 
-pytest -m gpu tests/gpu   (needs SWEEP_GPU_MODEL=<folder from build_random_qwen.py>)
+pytest -m gpu tests/gpu   (needs SWEEP_GPU_MODEL=<folder from python -m src.random_qwen>)
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ def test_one_trial_on_the_gpu(tmp_path, shared_data):
     ).trials
     assert trial.state.name == "COMPLETE"
     attrs = trial.user_attrs
-    assert attrs["memory_kind"] == "cuda_reserved" and attrs["device"] != "cpu"
-    assert attrs["nvml_peak_gib"] and attrs["nvml_peak_gib"] >= attrs["peak_memory_gib"] * 0.9
+    assert attrs["memory_kind"] == "cuda_process" and attrs["device"] != "cpu"
+    # the recorded peak is the process's footprint as NVML sees it (issue 6: within 5 %)
+    assert abs(attrs["peak_memory_gib"] / attrs["nvml_peak_gib"] - 1) < 0.05
     assert attrs["train_tokens_per_s"] > 0
 
 

@@ -2,7 +2,7 @@
 on weight values),
 with a chat tokenizer copied from `--tokenizer`.
 
-    python tests/gpu/build_random_qwen.py --shape 0.5B --tokenizer DIR --out /tmp/qwen-0.5b
+    python -m src.random_qwen --shape 0.5B --tokenizer DIR --out /tmp/qwen-0.5b
 """
 
 from __future__ import annotations
@@ -20,10 +20,26 @@ SHAPES = {
     "1.5B": (1536, 8960, 28, 12, 2, 151936, True),
     "3B": (2048, 11008, 36, 16, 2, 151936, True),
     "7B": (3584, 18944, 28, 28, 4, 152064, False),
+    "14B": (5120, 13824, 48, 40, 8, 152064, False),
 }
 
 
-def build(shape: str, tokenizer_dir: Path, out: Path) -> Path:
+def count(config: dict) -> int:
+    """Parameters of a Qwen2 checkpoint from its config.json (biases on q, k, v)."""
+    h, inter, layers = (
+        config["hidden_size"],
+        config["intermediate_size"],
+        config["num_hidden_layers"],
+    )
+    kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
+    attention = h * h + 2 * h * kv + (h + 2 * kv) + h * h
+    per_layer = attention + 3 * h * inter + 2 * h
+    heads = 1 if config.get("tie_word_embeddings") else 2
+    return layers * per_layer + h + heads * config["vocab_size"] * h
+
+
+def build(shape: str, tokenizer_dir: Path, out: Path) -> int:
+    """Save the checkpoint to `out`; returns its parameter count."""
     hidden, inter, layers, heads, kv, vocab, tied = SHAPES[shape]
     config = Qwen2Config(
         hidden_size=hidden,
@@ -42,7 +58,7 @@ def build(shape: str, tokenizer_dir: Path, out: Path) -> Path:
         model = Qwen2ForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
-    return out
+    return model.num_parameters()
 
 
 if __name__ == "__main__":
@@ -52,4 +68,4 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
-    print(build(args.shape, args.tokenizer, args.out))
+    print(args.out, build(args.shape, args.tokenizer, args.out), "parameters")

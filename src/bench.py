@@ -1,0 +1,338 @@
+"""The plain QLoRA recipe against the trial path, alternating in one process.
+
+    python -m src.bench BENCH.json      (`python -m sweep bench` writes BENCH.json and reads
+                                         the result it names)
+
+Plain recipe: what people run without this project: Transformers + PEFT + bitsandbytes NF4
+double quantization, bf16 compute, SDPA, `prepare_model_for_kbit_training` (which upcasts the
+non-quantized weights to fp32), activation checkpointing on every layer, paged AdamW 8-bit,
+LoRA on all linear layers, the HF Trainer. Trial path: src/train_qlora's `setup` and
+`build_trainer` with the study's [train] table (and a variant's overrides). Random tokens of a
+fixed length: throughput and memory do not depend on the values.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import (
+    DataCollatorForSeq2Seq,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+
+from src import models, random_qwen, speed, train_qlora
+from src.memory import PeakMemory
+from src.progress import emit
+from sweep.results import package_versions
+
+LR = 2e-4
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of every optimizer step, the GPU drained at both ends."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._t0 = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        _sync()
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        _sync()
+        self.times.append(time.perf_counter() - self._t0)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def plain_model(source: str, r: int, alpha: float, dropout: float, dtype=None):
+    model = models.load_4bit_model(source, dtype or models.compute_dtype("auto"))
+    model = prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def plain_trainer(
+    model, tokenizer, dataset, batch: int, steps: int, out: Path, autocast: bool = True
+) -> Trainer:
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        learning_rate=LR,
+        optim="paged_adamw_8bit",
+        bf16=autocast and torch.cuda.is_available(),  # the Trainer's bf16 autocast
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+    )
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True)
+    return Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+
+
+def trial_path(
+    source: str, r: int, alpha: float, dropout: float, train_cfg: dict, out: Path, dataset
+) -> tuple:
+    params = {"method": "qlora", "r": r, "lora_alpha": alpha, "dropout": dropout}
+    model, tokenizer = train_qlora.setup(model_spec(source), params, train_cfg, out / "cache")
+    trainer, _ = train_qlora.build_trainer(model, tokenizer, dataset, None, train_cfg, LR, out)
+    return model, trainer
+
+
+def model_spec(folder: str) -> dict:
+    """A [models] entry for a local folder, as a trial's spec.json holds it."""
+    return {
+        "id": None,
+        "path": folder,
+        "package": None,
+        "gguf_file": None,
+        "trust_remote_code": False,
+        "layers": 0,
+    }
+
+
+def loss_and_grads(model, batch: torch.Tensor) -> tuple[float, dict]:
+    """Loss and LoRA gradients on one batch, every recipe starting from the same LoRA weights
+    (seeded per parameter name; B is random too, or A's gradient would be zero) and without
+    dropout, whose random masks would differ. Afterwards B is zero again, as LoRA starts."""
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for name, param in trainable.items():
+        gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        param.data.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+    model.train()
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    for module in dropouts:
+        module.eval()
+    cuda = torch.cuda.is_available()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    grads = {n: p.grad.float().cpu() for n, p in trainable.items()}
+    model.zero_grad(set_to_none=True)
+    for module in dropouts:
+        module.train()
+    for name, param in trainable.items():
+        if "lora_B" in name:
+            param.data.zero_()
+    return float(loss.detach()), grads
+
+
+def compare(want: tuple[float, dict], got: tuple[float, dict]) -> dict:
+    (loss_a, grads_a), (loss_b, grads_b) = want, got
+    assert grads_a.keys() == grads_b.keys(), "the recipes train different parameters"
+    errors = [float((grads_b[n] - grads_a[n]).norm() / grads_a[n].norm()) for n in grads_a]
+    flat_a = torch.cat([grads_a[n].flatten() for n in grads_a])
+    flat_b = torch.cat([grads_b[n].flatten() for n in grads_a])
+    return {
+        "grad_rel_err": float((flat_b - flat_a).norm() / flat_a.norm()),  # all LoRA gradients
+        "loss_plain": loss_a,
+        "loss_trial": loss_b,
+        "loss_rel_diff": abs(loss_b - loss_a) / abs(loss_a),
+        "grad_rel_err_max": max(errors),
+        "grad_rel_err_median": statistics.median(errors),
+        "lora_tensors": len(errors),
+    }
+
+
+def measure(recipe: str, bench: dict, dataset, check_batch, train_cfg: dict | None) -> dict:
+    """One recipe from load to its last step: times, peak memory, and the check batch."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    memory = PeakMemory()
+    set_seed(0)
+    r, source, out = bench["rank"], bench["model_dir"], Path(bench["work_dir"])
+    alpha, dropout, steps = 2 * r, bench["dropout"], bench["warmup"] + bench["steps"]
+    started = time.perf_counter()
+    if recipe.startswith("plain"):
+        model = plain_model(source, r, alpha, dropout)
+        tokenizer = models.load_tokenizer(source)
+        trainer = plain_trainer(
+            model, tokenizer, dataset, bench["batch"], steps, out, autocast=recipe == "plain"
+        )
+    else:
+        model, trainer = trial_path(source, r, alpha, dropout, train_cfg, out, dataset)
+    setup_s = time.perf_counter() - started
+    check = loss_and_grads(model, check_batch)
+    micro = (train_cfg or {}).get("micro_batch") or bench["batch"]
+    profiled = profile(model, check_batch.repeat(micro, 1)) if bench.get("profile") else None
+    timer = StepTimer()
+    trainer.add_callback(timer)
+    trainer.train()
+    recorded, kind, nvml = memory.read()
+    median = statistics.median(timer.times[bench["warmup"] :])
+    tokens = bench["batch"] * bench["seq"]
+    row = {
+        "recipe": recipe,
+        "setup_s": setup_s,
+        "step_s_median": median,
+        "step_s": timer.times,
+        "tokens_per_s": tokens / median,
+        "mfu": tokens / median * 6 * bench["n_params"] / (bench["matmul_tflops"] * 1e12)
+        if bench["matmul_tflops"]
+        else None,
+        "peak_allocated_gib": memory.allocated_gib,
+        "peak_reserved_gib": memory.reserved_gib,
+        "recorded_peak_gib": recorded,
+        "memory_kind": kind,
+        "profile": profiled,
+        "nvml_peak_gib": nvml,
+        "final_loss": trainer.state.log_history[-2].get("loss")
+        if len(trainer.state.log_history) > 1
+        else None,
+    }
+    del trainer, model
+    return row, check
+
+
+CATEGORIES = (  # GPU kernels by name, for "what limits it"
+    ("dequantization", ("dequant",)),
+    ("attention", ("flash", "fmha", "attention", "efficient")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "wgmma", "sm90", "sm100", "cublas")),
+    ("fused kernels (Liger)", ("liger", "rms_norm", "swiglu", "rope", "cross_entropy")),
+    ("optimizer", ("optimizer", "adam")),
+)
+
+
+def profile(model, batch: torch.Tensor) -> dict:
+    """One forward and backward under torch.profiler: GPU time by kernel category against the
+    wall time (the rest is the GPU waiting for the CPU to launch work)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(input_ids=batch, labels=batch).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    model.train()
+    step()
+    _sync()
+    started = time.perf_counter()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        _sync()
+    wall = time.perf_counter() - started
+    kernels = [
+        e
+        for e in prof.key_averages()
+        if e.self_device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CUDA
+    ]
+    by_category = {name: 0.0 for name, _ in CATEGORIES} | {"other kernels": 0.0}
+    for event in kernels:
+        name = event.key.lower()
+        category = next(
+            (c for c, words in CATEGORIES if any(w in name for w in words)), "other kernels"
+        )
+        by_category[category] += event.self_device_time_total / 1e6
+    busy = sum(by_category.values())
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:12]
+    return {
+        "wall_s": wall,  # profiled, so somewhat slower than unprofiled
+        "gpu_busy_s": busy,
+        "gpu_idle_share": max(0.0, 1 - busy / wall),
+        "by_category_s": by_category,
+        "kernel_launches": sum(e.count for e in kernels),
+        "top_kernels": [
+            {"name": e.key[:90], "s": e.self_device_time_total / 1e6, "count": e.count} for e in top
+        ],
+    }
+
+
+def matmul_tflops(n: int = 8192, iters: int = 30) -> float | None:
+    """The card's bf16 matrix rate measured here (the MFU denominator); None on the CPU."""
+    if not torch.cuda.is_available():
+        return None
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    _sync()
+    started = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    _sync()
+    rate = 2 * n**3 * iters / (time.perf_counter() - started) / 1e12
+    del a, b
+    torch.cuda.empty_cache()
+    return rate
+
+
+def random_tokens(vocab: int, count: int, seq: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(100, vocab - 100, (count, seq), generator=gen)
+
+
+def main(bench_path: Path) -> dict:
+    bench = json.loads(Path(bench_path).read_text())
+    model_dir = Path(bench["model_dir"])
+    if not (model_dir / "config.json").exists():
+        emit("building", shape=bench["shape"], folder=str(model_dir))
+        random_qwen.build(bench["shape"], Path(bench["tokenizer"]), model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    bench["n_params"] = bench.get("n_params") or random_qwen.count(config)
+    bench["matmul_tflops"] = matmul_tflops()
+    steps = bench["warmup"] + bench["steps"]
+    ids = random_tokens(config["vocab_size"], steps * bench["batch"], bench["seq"])
+    dataset = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_batch = ids[:1].to(device)  # one sequence: the check must not set the peak
+    runs, checks = [], {}
+    for round_ in range(bench["rounds"]):
+        plain = ["plain"] + (["plain-no-autocast"] if bench.get("plain_no_autocast") else [])
+        for name, train_cfg in [*((p, None) for p in plain), *bench["variants"].items()]:
+            emit("recipe", name=name, round=round_)
+            with speed.restored_modeling_globals(config["model_type"]):
+                row, check = measure(
+                    name if train_cfg is None else "trial", bench, dataset, check_batch, train_cfg
+                )
+            runs.append({**row, "variant": name, "round": round_})
+            checks.setdefault(name, check)
+            emit(
+                "measured",
+                variant=name,
+                tokens_per_s=round(row["tokens_per_s"]),
+                peak_allocated_gib=round(row["peak_allocated_gib"] or 0, 2),
+            )
+    result = {
+        **{k: v for k, v in bench.items() if k != "variants"},
+        "variants": bench["variants"],
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "versions": package_versions(),
+        "runs": runs,
+        "checks": {n: compare(checks["plain"], c) for n, c in checks.items() if n != "plain"},
+    }
+    Path(bench["result"]).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
+    emit("done")

@@ -1,0 +1,135 @@
+"""What makes a trial faster than the plain QLoRA recipe, each piece on its own switch.
+
+- no fp32 upcast: PEFT's `prepare_model_for_kbit_training` casts every non-quantized weight
+  (embeddings, lm_head, norms) to fp32, which makes the largest matmul of a small model (the
+  logits) and every norm run in fp32. `freeze_for_lora` does the rest of what it does.
+- fused kernels (Liger: RMSNorm, SwiGLU, RoPE, fused linear cross-entropy, which never builds
+  the full-vocabulary logits) on CUDA with Triton; the CPU keeps the eager modules.
+- selective activation checkpointing: recompute only a share of the decoder layers.
+- padding-free batches: variable-length examples are concatenated with restarting position ids
+  (transformers turns those into a block-diagonal causal mask), so no padding is computed and
+  attention never crosses examples. A batch whose examples all have one length is stacked
+  instead: it has no padding, and the unmasked causal kernel is faster than a masked one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+
+import torch
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+
+def liger_available() -> bool:
+    """Liger's kernels are Triton kernels: CUDA and an importable triton + liger_kernel."""
+    return (
+        torch.cuda.is_available()
+        and importlib.util.find_spec("triton") is not None
+        and importlib.util.find_spec("liger_kernel") is not None
+    )
+
+
+def fuse_kernels(model, kernels: str) -> list[str]:
+    """Swap in Liger's kernels on `model` (before PEFT wraps it); returns what was applied.
+
+    `kernels`: "auto" (Liger where it runs, else nothing) or "none". An architecture Liger
+    does not know keeps its own modules.
+    """
+    if kernels == "none" or not liger_available():
+        return []
+    from liger_kernel.transformers.monkey_patch import (
+        MODEL_TYPE_TO_APPLY_LIGER_FN,
+        _apply_liger_kernel_to_instance,
+    )
+
+    if model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        return []
+    _apply_liger_kernel_to_instance(
+        model=model, rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True
+    )
+    return ["rope", "rms_norm", "swiglu", "fused_linear_cross_entropy"]
+
+
+@contextlib.contextmanager
+def restored_modeling_globals(model_type: str):
+    """Liger patches module-level names (RoPE, norm and MLP classes) of the modeling module;
+    put them back afterwards, so a plain model built later in the same process (the
+    benchmark alternates) is really plain. A trial process never needs this."""
+    import importlib
+
+    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    saved = dict(vars(module))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def freeze_for_lora(model, gradient_checkpointing: bool) -> None:
+    """`prepare_model_for_kbit_training` without its fp32 upcast: freeze the base, and give
+    checkpointed layers an input that requires grad (the frozen embeddings' output does not)."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model.config.use_cache = False
+    if gradient_checkpointing:
+        checkpointing(model)
+        model.enable_input_require_grads()
+
+
+def checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing on every decoder layer (newer transformers name
+    it activation_checkpointing_enable, older ones gradient_checkpointing_enable)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def decoder_layers(model) -> list:
+    return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+
+
+def compile_layers(model, enabled: bool) -> int:
+    """Regional torch.compile: each decoder layer on its own (one compilation serves them all,
+    the layers being alike), CUDA only. Returns the number of layers compiled."""
+    if not enabled or not torch.cuda.is_available():
+        return 0
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
+def checkpoint_share(model, fraction: float) -> int:
+    """Keep activation checkpointing on only the first `fraction` of the decoder layers (the
+    rest keep their activations: faster, more memory). Returns how many layers recompute."""
+    layers = [m for m in decoder_layers(model) if hasattr(m, "gradient_checkpointing")]
+    keep = round(fraction * len(layers))
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = layer.gradient_checkpointing and i < keep
+    return sum(bool(layer.gradient_checkpointing) for layer in layers)
+
+
+class PaddingFree:
+    """Concatenate a batch of variable-length examples into one row with restarting position
+    ids; a batch of equal lengths is stacked as is. Written here because transformers offers
+    either collator but not the choice per batch (the causal kernel needs no mask)."""
+
+    def __init__(self, tokenizer, pad_to_multiple_of: int | None = None):
+        self.flat = DataCollatorWithFlattening(return_position_ids=True)
+        self.padded = DataCollatorForSeq2Seq(
+            tokenizer, padding=True, pad_to_multiple_of=pad_to_multiple_of
+        )
+
+    def __call__(self, features: list[dict]) -> dict:
+        if len({len(f["input_ids"]) for f in features}) == 1:
+            return self.padded(features)  # equal lengths: nothing to pad
+        return self.flat([{k: f[k] for k in ("input_ids", "labels")} for f in features])
+
+
+def collator(tokenizer, packing: bool, cuda: bool):
+    if packing:
+        return PaddingFree(tokenizer)
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8 if cuda else None)

@@ -1,0 +1,285 @@
+"""`python -m sweep bench`: the trial path against the plain QLoRA recipe, side by side.
+
+The measuring happens in a child process (src/bench.py: torch, one process for all recipes,
+alternating); this side builds its input from the config, and writes the result as JSON and a
+Markdown table under docs/bench/. `--overhead` instead times one real trial of a study from
+process start to exit, to see what a trial spends outside training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from sweep import config, trial, trial_process
+from sweep.errors import ConfigError
+
+SHAPES = ("0.5B", "1.5B", "3B", "7B", "14B")  # src/random_qwen.py builds these
+
+
+def variants(
+    cfg_path: Path, study: str, specs: list[str], fixed: dict, sets: list[str] = ()
+) -> dict[str, dict]:
+    """{name: trial [train] table}; a spec is `NAME` or `NAME:key=value,key=value`, checked
+    like `--set train.key=value` (one clear line for a bad key or value)."""
+    out = {}
+    for spec in specs or ["trial"]:
+        name, _, pairs = spec.partition(":")
+        items = [*sets, *(f"train.{kv}" for kv in pairs.split(",") if kv)]
+        items += [f"train.{k}={json.dumps(v)}" for k, v in fixed.items()]
+        train = config.load(cfg_path, items, study=study).studies[study].train
+        out[name or "trial"] = dataclasses.asdict(train)
+    return out
+
+
+def run(args) -> Path:
+    """Measure; returns the Markdown file written."""
+    for name in ("seq", "batch", "rank", "steps", "rounds"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"must be > 0 (got {getattr(args, name)})", f"--{name}")
+    if args.steps < 8:
+        raise ConfigError("the median needs at least 8 measured steps", "--steps")
+    cfg = config.load(args.config)
+    if args.study not in cfg.studies:
+        raise ConfigError(f"unknown study {args.study!r}", "--study")
+    model_dir, shape = _model(args, cfg)
+    fixed = {
+        "batch_size": args.batch,
+        "max_seq_len": args.seq,
+        "grad_accum": 1,
+        "max_steps": args.warmup + args.steps,
+    }
+    work = Path(tempfile.mkdtemp(prefix="sweep-bench-"))
+    bench = {
+        "date": datetime.date.today().isoformat(),
+        "command": "python -m sweep bench " + " ".join(sys.argv[2:]),
+        "shape": shape,
+        "model_dir": str(model_dir),
+        "tokenizer": str(args.tokenizer),
+        "seq": args.seq,
+        "batch": args.batch,
+        "rank": args.rank,
+        "dropout": args.dropout,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "rounds": args.rounds,
+        "profile": args.profile,
+        "plain_no_autocast": args.plain_no_autocast,
+        "study": args.study,
+        "variants": variants(args.config, args.study, args.variant, fixed, args.set),
+        "work_dir": str(work),
+        "result": str(work / "result.json"),
+    }
+    (work / "bench.json").write_text(json.dumps(bench, indent=2))
+    _child(["-m", "src.bench", str(work / "bench.json")])
+    result = json.loads((work / "result.json").read_text())
+    return write(result, args.out, f"{shape}-{args.seq}x{args.batch}")
+
+
+def _model(args, cfg) -> tuple[Path, str]:
+    """(checkpoint folder, shape name): a Qwen2.5 shape built once under the cache, or a
+    folder given as is."""
+    if args.model in SHAPES:
+        return cfg.storage.cache / "random" / f"qwen2.5-{args.model.lower()}", args.model
+    folder = Path(args.model)
+    if not (folder / "config.json").is_file():
+        known = ", ".join(SHAPES)
+        raise ConfigError(f"not a shape ({known}) nor a model folder: {args.model}", "--model")
+    return folder.resolve(), folder.name
+
+
+def _child(argv: list[str]) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, *argv], cwd=trial_process.PROJECT_ROOT, env=env)
+    if done.returncode:
+        raise SystemExit(f"error: the benchmark process failed (exit {done.returncode})")
+
+
+def summary(result: dict) -> list[dict]:
+    """One row per variant (medians over rounds) with its ratios to the plain recipe."""
+    by_variant: dict[str, list[dict]] = {}
+    for row in result["runs"]:
+        by_variant.setdefault(row["variant"], []).append(row)
+    rows = []
+    for name, runs in by_variant.items():
+        row = {"variant": name, "rounds": len(runs)}
+        for key in (
+            "tokens_per_s",
+            "step_s_median",
+            "peak_allocated_gib",
+            "peak_reserved_gib",
+            "recorded_peak_gib",
+            "nvml_peak_gib",
+            "mfu",
+            "setup_s",
+        ):
+            values = [r[key] for r in runs if r.get(key) is not None]
+            row[key] = statistics.median(values) if values else None
+        rows.append(row)
+    plain = rows[0]
+    for row in rows:
+        row["speed_x"] = row["tokens_per_s"] / plain["tokens_per_s"]
+        for key in ("peak_allocated_gib", "nvml_peak_gib"):
+            if row[key] and plain[key]:
+                row[key.replace("_gib", "_x")] = row[key] / plain[key]
+    return rows
+
+
+def markdown(result: dict) -> str:
+    head = (
+        f"# Benchmark: Qwen2.5-{result['shape']} shape, QLoRA r{result['rank']}, "
+        f"{result['seq']} tokens x {result['batch']}\n\n"
+        f"{result['date']} · {result['device']} · bf16 matrix rate measured here: "
+        f"{_num(result.get('matmul_tflops'), 0)} TFLOP/s · {result['n_params']:,} parameters · "
+        f"{result['steps']} measured steps after {result['warmup']} · {result['rounds']} "
+        f"round(s), alternating\n\n`{result['command']}`\n\n"
+        "| variant | tokens/s | x plain | step s (median) | peak allocated GiB | x plain "
+        "| reserved GiB | recorded GiB | NVML GiB | x plain | MFU |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = [
+        f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {r['speed_x']:.2f} | "
+        f"{r['step_s_median']:.3f} | {_num(r['peak_allocated_gib'])} | "
+        f"{_num(r.get('peak_allocated_x'))} | {_num(r['peak_reserved_gib'])} | "
+        f"{_num(r['recorded_peak_gib'])} | {_num(r['nvml_peak_gib'])} | "
+        f"{_num(r.get('nvml_peak_x'))} | {_pct(r['mfu'])} |"
+        for r in summary(result)
+    ]
+    checks = [
+        "\n## Same batch, same LoRA weights: loss and LoRA gradients against plain\n",
+        "| variant | loss plain | loss trial | rel. diff | LoRA grad rel. err | per tensor: max "
+        "| median | tensors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, c in result["checks"].items():
+        checks.append(
+            f"| {name} | {c['loss_plain']:.5f} | {c['loss_trial']:.5f} | "
+            f"{c['loss_rel_diff']:.2e} | {c['grad_rel_err']:.2e} | {c['grad_rel_err_max']:.2e} | "
+            f"{c['grad_rel_err_median']:.2e} | {c['lora_tensors']} |"
+        )
+    settings = ["\n## Variants (the trial path's [train] table where it differs from plain)\n"]
+    for name, train in result["variants"].items():
+        keys = (
+            "micro_batch",
+            "gradient_checkpointing",
+            "checkpoint_share",
+            "kernels",
+            "packing",
+            "optimizer",
+        )
+        settings.append(f"- {name}: " + ", ".join(f"{k}={train[k]}" for k in keys))
+    versions = ", ".join(f"{k} {v}" for k, v in result["versions"].items())
+    body = "\n".join(lines) + "\n" + "\n".join(checks + settings + profiles(result))
+    return head + body + f"\n\n{versions}\n"
+
+
+def profiles(result: dict) -> list[str]:
+    """Where one forward+backward's time goes, per recipe that was profiled."""
+    rows = [(r["variant"], r["profile"]) for r in result["runs"] if r.get("profile")]
+    if not rows:
+        return []
+    names = list(rows[0][1]["by_category_s"])
+    out = [
+        "\n## Profile: one forward + backward of one micro-batch (torch.profiler)\n",
+        "| variant | wall s | GPU busy s | GPU idle | kernels | " + " | ".join(names) + " |",
+        "|---" * (5 + len(names)) + "|",
+    ]
+    for variant, p in rows:
+        cells = " | ".join(f"{p['by_category_s'][n]:.3f}" for n in names)
+        out.append(
+            f"| {variant} | {p['wall_s']:.3f} | {p['gpu_busy_s']:.3f} | "
+            f"{_pct(p['gpu_idle_share'])} | {p['kernel_launches']:,} | {cells} |"
+        )
+    return out
+
+
+def _num(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f} %"
+
+
+def write(result: dict, folder: Path, stem: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    device = re.sub(r"[^A-Za-z0-9]+", "-", result["device"]).strip("-").lower()
+    path = folder / f"{result['date']}-{device}-{stem}.md"
+    path.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    path.write_text(markdown(result))
+    print(path.read_text())
+    return path
+
+
+def overhead(args) -> Path:
+    """One real trial (the study's first model, fixed parameters) timed from outside: what it
+    spends before its first training step, in training, evaluating, and after."""
+    cfg = config.load(args.config, [*args.set, f"train.max_steps={args.steps}"], study=args.study)
+    study_cfg = cfg.studies[args.study]
+    params = {
+        "model": study_cfg.models[0],
+        "method": "qlora",
+        "r": args.rank,
+        "lora_alpha": 2 * args.rank,
+        "lr": 2e-4,
+        "dropout": 0.05,
+    }
+    folder = Path(tempfile.mkdtemp(prefix="sweep-overhead-"))
+    spec = trial.write_spec(cfg, study_cfg, params, folder)
+    seen: dict[str, float] = {}
+
+    def arrived(event: dict) -> bool:
+        seen.setdefault(event["event"], time.perf_counter())
+        return False  # never stop it
+
+    started = time.perf_counter()
+    trial_process.follow(trial_process.launch(spec), folder / "log.txt", arrived)
+    total = time.perf_counter() - started
+    outcome = json.loads((folder / "result.json").read_text())
+    at = {k: v - started for k, v in seen.items()}
+    phases = {
+        "process start and imports": at["start"],
+        "model load": at["model"] - at["start"],
+        "data preparation": at["data"] - at["model"],
+        "trainer set-up": at["train_begin"] - at["data"],
+        "training (incl. validation losses)": at["train_end"] - at["train_begin"],
+        "evaluation and saving": at["done"] - at["evaluating"],
+        "exit": total - at["done"],
+    }
+    outside = total - phases["training (incl. validation losses)"] - phases["evaluation and saving"]
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "study": args.study,
+        "params": params,
+        "steps": args.steps,
+        "total_s": total,
+        "outside_training_s": outside,
+        "outside_share": outside / total,
+        "phases": phases,
+        "trial": outcome,
+    }
+    lines = [
+        f"# Trial overhead: {args.study}, {args.steps} steps, {outcome.get('device')}\n",
+        f"{result['date']} · total {total:.1f} s · outside training and evaluation "
+        f"{outside:.1f} s = {100 * outside / total:.1f} % · recorded peak "
+        f"{_num(outcome.get('peak_memory_gib'))} GiB ({outcome.get('memory_kind')}), NVML "
+        f"{_num(outcome.get('nvml_peak_gib'))} GiB\n",
+        "| phase | seconds |",
+        "|---|---|",
+    ]
+    lines += [f"| {name} | {seconds:.1f} |" for name, seconds in phases.items()]
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{result['date']}-overhead-{args.study}-{args.steps}steps.md"
+    path.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    path.write_text("\n".join(lines) + "\n")
+    print(path.read_text())
+    return path
