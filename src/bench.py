@@ -118,7 +118,7 @@ def model_spec(folder: str) -> dict:
     }
 
 
-def loss_and_grads(model, batch: torch.Tensor) -> tuple[float, dict]:
+def loss_and_grads(model, batch: torch.Tensor, autocast: bool = True) -> tuple[float, dict]:
     """Loss and LoRA gradients on one batch, every recipe starting from the same LoRA weights
     (seeded per parameter name; B is random too, or A's gradient would be zero) and without
     dropout, whose random masks would differ. Afterwards B is zero again, as LoRA starts."""
@@ -131,7 +131,7 @@ def loss_and_grads(model, batch: torch.Tensor) -> tuple[float, dict]:
     for module in dropouts:
         module.eval()
     cuda = torch.cuda.is_available()
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and autocast):
         loss = model(input_ids=batch, labels=batch).loss
     loss.backward()
     grads = {n: p.grad.float().cpu() for n, p in trainable.items()}
@@ -181,12 +181,12 @@ def measure(recipe: str, bench: dict, dataset, check_batch, train_cfg: dict | No
         model, trainer = trial_path(source, r, alpha, dropout, train_cfg, out, dataset)
     setup_s = time.perf_counter() - started
     check = loss_and_grads(model, check_batch)
-    micro = (train_cfg or {}).get("micro_batch") or bench["batch"]
-    profiled = profile(model, check_batch.repeat(micro, 1)) if bench.get("profile") else None
     timer = StepTimer()
     trainer.add_callback(timer)
     trainer.train()
     recorded, kind, nvml = memory.read()
+    micro = (train_cfg or {}).get("micro_batch") or bench["batch"]  # after the memory figures
+    profiled = profile(model, check_batch.repeat(micro, 1)) if bench.get("profile") else None
     median = statistics.median(timer.times[bench["warmup"] :])
     tokens = bench["batch"] * bench["seq"]
     row = {
@@ -305,6 +305,13 @@ def main(bench_path: Path) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     check_batch = ids[:1].to(device)  # one sequence: the check must not set the peak
     runs, checks = [], {}
+    if bench.get("reference"):  # the same 4-bit weights, everything else in fp32: the truth
+        emit("recipe", name="fp32 reference")
+        model = plain_model(
+            bench["model_dir"], bench["rank"], 2 * bench["rank"], 0.0, torch.float32
+        )
+        checks["fp32 reference"] = loss_and_grads(model, check_batch, autocast=False)
+        del model
     for round_ in range(bench["rounds"]):
         plain = ["plain"] + (["plain-no-autocast"] if bench.get("plain_no_autocast") else [])
         for name, train_cfg in [*((p, None) for p in plain), *bench["variants"].items()]:
@@ -328,6 +335,11 @@ def main(bench_path: Path) -> dict:
         "versions": package_versions(),
         "runs": runs,
         "checks": {n: compare(checks["plain"], c) for n, c in checks.items() if n != "plain"},
+        "checks_vs_reference": {
+            n: compare(checks["fp32 reference"], c)
+            for n, c in checks.items()
+            if n != "fp32 reference" and "fp32 reference" in checks
+        },
     }
     Path(bench["result"]).write_text(json.dumps(result, indent=2))
     return result

@@ -73,6 +73,7 @@ def run(args) -> Path:
         "warmup": args.warmup,
         "rounds": args.rounds,
         "profile": args.profile,
+        "reference": args.reference,
         "plain_no_autocast": args.plain_no_autocast,
         "study": args.study,
         "variants": variants(args.config, args.study, args.variant, fixed, args.set),
@@ -160,7 +161,11 @@ def markdown(result: dict) -> str:
         "| median | tensors |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name, c in result["checks"].items():
+    rows = [(n, c) for n, c in result["checks"].items() if n != "fp32 reference"]
+    rows += [
+        (f"{n} vs fp32 reference", c) for n, c in result.get("checks_vs_reference", {}).items()
+    ]
+    for name, c in rows:
         checks.append(
             f"| {name} | {c['loss_plain']:.5f} | {c['loss_trial']:.5f} | "
             f"{c['loss_rel_diff']:.2e} | {c['grad_rel_err']:.2e} | {c['grad_rel_err_max']:.2e} | "
