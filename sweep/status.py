@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
 import optuna
@@ -36,6 +37,9 @@ def table(study: optuna.Study) -> Table:
     if study.user_attrs.get("vram_budget_gb"):
         title += f" · memory budget {study.user_attrs['vram_budget_gb']:g} GiB"
     t = Table(title=title)
+    placed = any("gpu" in tr.user_attrs for tr in study.trials)
+    hosts = {tr.user_attrs.get("host") for tr in study.trials} - {None}
+    where = placed or len(hosts) > 1
     for col in (
         "#",
         "state",
@@ -51,16 +55,21 @@ def table(study: optuna.Study) -> Table:
         "trainable %",
         "val loss",
         "duration",
+        *(["where"] if where else []),
     ):
-        t.add_column(col, justify="left" if col in ("state", "method", "model") else "right")
+        left = col in ("state", "method", "model", "where")
+        t.add_column(col, justify="left" if left else "right")
     for trial in study.trials:
-        t.add_row(*row(trial))
+        t.add_row(*row(trial), *([where_ran(trial)] if where else []))
     folders = [tr.user_attrs["trial_dir"] for tr in study.trials if "trial_dir" in tr.user_attrs]
     notes = []
     if "eval_set" in study.user_attrs:
         notes.append(f"{metric} measured on: {study.user_attrs['eval_set']}")
     if folders:
         notes.append(f"adapters, configs, results, logs: {Path(folders[0]).parent}/<#>/")
+    line = concurrency_line(study.trials)
+    if line:
+        notes.append(line)
     fallbacks = [tr.number for tr in study.trials if "objective_fallback" in tr.user_attrs]
     if fallbacks:
         notes.append(f"trials {fallbacks}: judge unreachable, value = -validation loss")
@@ -103,3 +112,43 @@ def row(trial: optuna.trial.FrozenTrial) -> list[str]:
 
 def _fmt(value, pattern: str) -> str:
     return "" if value is None else pattern.format(value)
+
+
+def where_ran(trial: optuna.trial.FrozenTrial) -> str:
+    host, gpu = trial.user_attrs.get("host", ""), trial.user_attrs.get("gpu")
+    return host + ("" if gpu is None else f":gpu{gpu}")
+
+
+BARS = " ▁▂▃▄▅▆▇█"
+
+
+def concurrency(trials, buckets: int = 40) -> tuple[int, float, list[int]] | None:
+    """(most trials running at once, mean while any ran, running count per time bucket)."""
+    now = datetime.datetime.now()
+    spans = [(t.datetime_start, t.datetime_complete or now) for t in trials if t.datetime_start]
+    if len(spans) < 2:
+        return None
+    edges = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    running = most = 0
+    for _, step in edges:
+        running += step
+        most = max(most, running)
+    begin, end = min(s for s, _ in spans), max(e for _, e in spans)
+    width = (end - begin) / buckets
+    if not width:
+        return None
+    counts = []
+    for i in range(buckets):
+        middle = begin + width * (i + 0.5)
+        counts.append(sum(s <= middle < e for s, e in spans))
+    busy = [c for c in counts if c]
+    return most, (sum(busy) / len(busy) if busy else 0.0), counts
+
+
+def concurrency_line(trials) -> str:
+    found = concurrency(trials)
+    if found is None or found[0] < 2:
+        return ""
+    most, mean, counts = found
+    bars = "".join(BARS[min(len(BARS) - 1, round(c * (len(BARS) - 1) / most))] for c in counts)
+    return f"concurrency: up to {most} trials at once, {mean:.1f} on average; over time |{bars}|"

@@ -1,13 +1,18 @@
-"""The study loop: ask → run the trial in its own process → tell.
+"""The study loop: ask → run the trial in its own process → tell, several trials at once.
 
-    python -m sweep run --study sst2
+    python -m sweep run --study sst2 [--gpus 0,1 --trials-per-gpu auto] [--jobs N]
 
-Same study name, same study: a second run resumes it and keeps every finished trial.
+Same study name, same study: a second run resumes it and keeps every finished trial. Each
+running trial is a thread of this process that watches its trial process (sweep/trial.py);
+sweep/placement.py decides where and when the next one starts. Several sweep processes, on
+one host or many, can work one study through a shared storage (PostgreSQL, MySQL, a journal
+file): Optuna hands each of them distinct trials.
 """
 
 from __future__ import annotations
 
 import signal
+import threading
 import time
 import warnings
 
@@ -19,9 +24,11 @@ from objectives import OBJECTIVES
 from sweep import checks, trial_process
 from sweep.config import Config, Study
 from sweep.errors import ConfigError
+from sweep.placement import Placement, learned_peaks
+from sweep.results import Status
 from sweep.space import suggest
 from sweep.tracking import Tracker
-from sweep.trial import ask, run_one
+from sweep.trial import Heartbeat, ask, run_one
 
 console = Console()
 
@@ -32,6 +39,9 @@ def run(
     n_trials: int | None,
     timeout_s: float | None,
     storage_url: str | None,
+    gpus: list[int] | None = None,
+    per_gpu: int | None = 1,  # None: auto, by learned peak memory
+    jobs: int = 1,
 ) -> None:
     checks.before_run(cfg, study_cfg, storage_url)  # bad input fails here, before any write
     objective = OBJECTIVES[study_cfg.task]
@@ -60,27 +70,113 @@ def run(
     )
     study.set_user_attr("vram_budget_gb", study_cfg.vram_budget_gb)
     fail_orphans(study, companion, tracker)
-    started = time.monotonic()
+    placement = Placement(gpus, per_gpu, jobs, study_cfg.vram_budget_gb,
+                          learned_peaks(study.get_trials(deepcopy=False)))  # fmt: skip
+    if placement.limit > 1:
+        console.print(f"up to {placement.limit} trials at once" + (
+            f" on GPUs {','.join(map(str, gpus))}" if gpus else ""))  # fmt: skip
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, trial_process.on_signal)
-    for _ in range(n_trials or study_cfg.n_trials):
+    workers = Workers()
+    try:
+        launch_trials(cfg, study_cfg, study, companion, tracker, placement, workers,
+                      n_trials or study_cfg.n_trials, timeout_s)  # fmt: skip
+    finally:
+        workers.join()  # an interrupt stops every trial process; each trial is stored
+    workers.raise_first()
+    if trial_process.INTERRUPT.is_set():
+        tracker.close("KILLED")
+        raise KeyboardInterrupt  # after the trials were stored: __main__ prints one line
+    tracker.close("FINISHED")
+
+
+class Workers:
+    """The running trials' threads; the first exception of any of them is raised again."""
+
+    def __init__(self):
+        self.threads: list[threading.Thread] = []
+        self.errors: list[BaseException] = []
+
+    def start(self, target, *args) -> None:
+        def body():
+            try:
+                target(*args)
+            except BaseException as err:  # a bug in the sweep: stop the others, report it
+                self.errors.append(err)
+                trial_process.INTERRUPT.set()
+
+        thread = threading.Thread(target=body, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def running(self) -> int:
+        self.threads = [t for t in self.threads if t.is_alive()]
+        return len(self.threads)
+
+    def join(self) -> None:
+        for thread in self.threads:
+            while thread.is_alive():
+                thread.join(0.5)
+
+    def raise_first(self) -> None:
+        if self.errors:
+            trial_process.INTERRUPT.clear()
+            raise self.errors[0]
+
+
+def launch_trials(cfg, study_cfg, study, companion, tracker, placement, workers, total: int,
+                  timeout_s: float | None) -> None:  # fmt: skip
+    """Start up to `total` trials, each when placement has a slot for it."""
+    started, launched = time.monotonic(), 0
+    while launched < total:
+        while placement.full() and not trial_process.INTERRUPT.is_set():
+            time.sleep(0.2)
         if timeout_s and time.monotonic() - started > timeout_s:
-            break
+            return
         if trial_process.INTERRUPT.is_set():
-            tracker.close("KILLED")
-            raise KeyboardInterrupt
+            return
         if _grid_done(study):
-            console.print("every grid point has run")
-            break
+            if not workers.running():
+                console.print("every grid point has run")
+                return
+            time.sleep(0.5)  # the last points are still running; a retry may come back
+            continue
         trial = ask(study)
         params = suggest(trial, study_cfg)
-        console.print(f"[bold]trial {trial.number}[/] {params}")
-        state = run_one(cfg, study_cfg, trial, params, companion, tracker)
-        console.print(f"trial {trial.number} {state.name.lower()} {_summary(study, trial.number)}")
-        if trial_process.INTERRUPT.is_set():
-            tracker.close("KILLED")
-            raise KeyboardInterrupt  # after the trial was stored: __main__ prints one line
-    tracker.close("FINISHED")
+        slot = wait_for_slot(placement, trial, params)
+        if slot is None:  # interrupted while waiting: never started
+            study.tell(trial, state=TrialState.FAIL)
+            return
+        where = f" on {slot.where()}" if slot.gpu is not None else ""
+        console.print(f"[bold]trial {trial.number}[/]{where} {params}")
+        workers.start(run_and_report, cfg, study_cfg, trial, params, companion, tracker,
+                      placement, slot)  # fmt: skip
+        launched += 1
+
+
+def wait_for_slot(placement: Placement, trial: optuna.Trial, params: dict):
+    """Wait for room for this trial (beating its heartbeat, so no other sweep takes it for
+    dead); None if the sweep is interrupted first."""
+    key = (params["model"], params.get("method", "qlora"))
+    beat = Heartbeat(trial.storage, [trial._trial_id])
+    while not trial_process.INTERRUPT.is_set():
+        slot = placement.take(key)
+        if slot is not None:
+            return slot
+        beat()
+        time.sleep(0.2)
+    return None
+
+
+def run_and_report(cfg, study_cfg, trial, params, companion, tracker, placement, slot) -> None:
+    result = None
+    try:
+        state, result = run_one(cfg, study_cfg, trial, params, companion, tracker, slot)
+    finally:
+        oom = result is not None and result.status == Status.INFEASIBLE
+        placement.give(slot, result.peak_memory_gib if result else None, oom)
+    study = trial.study
+    console.print(f"trial {trial.number} {state.name.lower()} {_summary(study, trial.number)}")
 
 
 def fail_orphans(study: optuna.Study, companion: optuna.Study, tracker: Tracker) -> None:
@@ -108,9 +204,12 @@ def open_study(study_cfg: Study, storage, objective) -> optuna.Study:
     try:
         study = optuna.load_study(study_name=study_cfg.name, storage=storage, sampler=sampler)
     except KeyError:
-        study = optuna.create_study(
-            study_name=study_cfg.name, storage=storage, sampler=sampler, directions=directions
-        )
+        try:
+            study = optuna.create_study(
+                study_name=study_cfg.name, storage=storage, sampler=sampler, directions=directions
+            )
+        except optuna.exceptions.DuplicatedStudyError:  # another sweep created it just now
+            return open_study(study_cfg, storage, objective)
         study.set_user_attr("task", study_cfg.task)
         study.set_user_attr("metric", objective.METRIC)
         study.set_user_attr("eval_set", objective.eval_set(study_cfg.data.dir))

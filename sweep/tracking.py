@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from sweep.checks import first_wins
 from sweep.results import TrialResult
 
 ROLE_TAG = "sweep.role"
@@ -29,6 +30,10 @@ TRIAL_FILES = (
 class Tracker:
     def __init__(self, tracking_uri: str, artifacts_dir: Path, study: str, tags: dict[str, str]):
         logging.getLogger("alembic").setLevel(logging.WARNING)
+        # sweeps started together race to create the store's tables and the experiment
+        first_wins(tracking_uri, lambda: self._open(tracking_uri, artifacts_dir, study, tags))
+
+    def _open(self, tracking_uri: str, artifacts_dir: Path, study: str, tags: dict) -> None:
         self.client = MlflowClient(tracking_uri)
         experiment = self.client.get_experiment_by_name(study)
         if experiment is None:

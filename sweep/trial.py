@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import signal
+import socket
 import time
 import warnings
 from pathlib import Path
@@ -21,6 +22,7 @@ from optuna.trial import TrialState
 
 from sweep import trial_process
 from sweep.config import Config, Model, Study
+from sweep.placement import Slot
 from sweep.results import Status, TrialResult
 from sweep.tracking import Tracker
 
@@ -38,7 +40,9 @@ def run_one(
     params: dict,
     companion: optuna.Study,
     tracker: Tracker,
-) -> TrialState:
+    slot: Slot | None = None,
+) -> tuple[TrialState, TrialResult]:
+    """Run one trial to its end; `slot` says where (its GPU and CPU threads)."""
     trial_dir = cfg.storage.trials / study_cfg.name / str(trial.number)
     trial_dir.mkdir(parents=True, exist_ok=True)
     spec_path = write_spec(cfg, study_cfg, params, trial_dir)
@@ -47,11 +51,14 @@ def run_one(
     run_id = tracker.start_trial(trial.number, params, {"trial_dir": str(trial_dir)})
     trial.set_user_attr("mlflow_run_id", run_id)
     trial.set_user_attr("trial_dir", str(trial_dir))
+    trial.set_user_attr("host", socket.gethostname())
+    if slot is not None and slot.gpu is not None:
+        trial.set_user_attr("gpu", slot.gpu)
 
     watch = Watch(tracker, run_id, mirror)
     beat = Heartbeat(trial.storage, [trial._trial_id, mirror._trial_id])
     kills_before = trial_process.oom_kills()
-    proc = trial_process.launch(spec_path)
+    proc = trial_process.launch(spec_path, slot.env() if slot else None)
     try:
         ended = trial_process.follow(
             proc, trial_dir / "stdout.log", watch, study_cfg.trial_timeout_s, beat
@@ -68,7 +75,7 @@ def run_one(
     else:  # pruned, failed, or out of memory before any validation loss
         companion.tell(mirror, state=state if state != TrialState.COMPLETE else TrialState.FAIL)
     tracker.finish_trial(run_id, result, trial_dir, MLFLOW_STATE[state])
-    return state
+    return state, result
 
 
 def ask(study: optuna.Study) -> optuna.Trial:

@@ -29,9 +29,10 @@ def on_signal(signum, frame) -> None:
     INTERRUPT.set()
 
 
-def launch(spec_path: Path) -> subprocess.Popen:
+def launch(spec_path: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     trial_dir = spec_path.parent
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+           **(extra_env or {})}  # fmt: skip
     return subprocess.Popen(
         [sys.executable, "-m", "src.train_qlora", str(spec_path)],
         cwd=PROJECT_ROOT,
@@ -75,12 +76,12 @@ def follow(
             if INTERRUPT.is_set():
                 stop(proc)
                 return "interrupted"
+            if time.monotonic() > deadline:  # checked every line: a chatty trial times out too
+                stop(proc)
+                return "timeout"
             try:
                 line = lines.get(timeout=0.5)
             except queue.Empty:
-                if time.monotonic() > deadline:
-                    stop(proc)
-                    return "timeout"
                 continue
             if line is None:  # stdout closed: the process is ending
                 proc.wait()

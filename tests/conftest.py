@@ -26,10 +26,11 @@ def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess
     )
 
 
-def start_sweep(cfg: Path, *sets: str) -> subprocess.Popen:
+def start_sweep(cfg: Path, *sets: str, storage: str | None = None) -> subprocess.Popen:
     """`python -m sweep run --study tiny` in the background, with `--set` overrides."""
     cmd = [sys.executable, "-m", "sweep", "run", "--study", "tiny", "--config", str(cfg)]
     cmd += [arg for item in sets for arg in ("--set", item)]
+    cmd += ["--storage", storage] if storage else []
     env = {**os.environ, "PYTHONPATH": _pythonpath()}
     pipe = subprocess.PIPE
     return subprocess.Popen(cmd, cwd=ROOT, stdout=pipe, stderr=pipe, text=True, env=env)

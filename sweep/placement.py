@@ -1,0 +1,175 @@
+"""Where the next trial runs, and how many run at once (`--gpus`, `--trials-per-gpu`, `--jobs`).
+
+`--trials-per-gpu auto` packs trials onto GPUs by their expected peak memory: the largest
+peak recorded by the study's finished trials of the same model and method, times a safety
+margin. A model not seen yet is expected to need the whole memory budget (each trial caps its
+own allocator to it) plus the CUDA context, so packing starts conservatively and tightens as
+trials finish; a trial that runs out of memory anyway resets its model's estimate to that.
+The sweep process never imports torch: card sizes come from NVML (nvidia-ml-py) or
+`nvidia-smi`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import socket
+import subprocess
+import threading
+
+from sweep import rows
+from sweep.errors import ConfigError
+
+GIB = 1024**3
+MARGIN = 1.25  # expected peak = learned peak x this
+CONTEXT_GIB = 1.0  # what a trial holds outside its allocator (CUDA context, cuBLAS workspace)
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    gpu: int | None  # None: not pinned (CPU jobs, or one trial on the default GPU)
+    estimate_gib: float
+    key: tuple[str, str]  # (model, method)
+    threads: int | None = None  # CPU threads per trial when several share the host
+
+    def env(self) -> dict[str, str]:
+        """Environment of the trial process: its GPU, and its share of the CPU cores."""
+        env = {} if self.gpu is None else {"CUDA_VISIBLE_DEVICES": str(self.gpu)}
+        if self.threads:
+            env["OMP_NUM_THREADS"] = str(self.threads)
+        return env
+
+    def where(self) -> str:
+        return socket.gethostname() + ("" if self.gpu is None else f":gpu{self.gpu}")
+
+
+def card_memory(index: int) -> tuple[float, float] | None:
+    """(total, used) GiB of GPU `index`, or None when neither NVML nor nvidia-smi answers."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
+        return info.total / GIB, info.used / GIB
+    except Exception:  # not installed, no driver: try the command line
+        pass
+    if not shutil.which("nvidia-smi"):
+        return None
+    out = subprocess.run(
+        ["nvidia-smi", f"--id={index}", "--query-gpu=memory.total,memory.used",
+         "--format=csv,noheader,nounits"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    try:
+        total, used = (float(v) / 1024 for v in out.stdout.strip().split(","))
+    except ValueError:
+        return None
+    return total, used
+
+
+class Placement:
+    """Hands out slots; thread-safe (each running trial is a thread of the sweep)."""
+
+    def __init__(
+        self,
+        gpus: list[int] | None,
+        per_gpu: int | None,  # None: auto (by memory)
+        jobs: int,
+        budget_gib: float,
+        learned: dict[tuple[str, str], float],
+        cores: int | None = None,
+    ):
+        self.gpus, self.per_gpu, self.jobs, self.budget = gpus, per_gpu, jobs, budget_gib
+        self.learned = dict(learned)
+        self.running: list[Slot] = []
+        self.lock = threading.Lock()
+        cores = cores or os.cpu_count() or 1
+        self.room: dict[int, float] = {}
+        for gpu in gpus or []:
+            memory = card_memory(gpu)
+            if memory is None and per_gpu is None:
+                raise ConfigError(f"GPU {gpu}: no memory figure from NVML or nvidia-smi", "--gpus")
+            total, used = memory or (0.0, 0.0)
+            self.room[gpu] = total - used  # what other processes already hold stays theirs
+        self.limit = self._limit(cores)
+        self.threads = max(1, cores // self.limit) if self.limit > 1 else None
+
+    def _limit(self, cores: int) -> int:
+        if not self.gpus:
+            return self.jobs
+        if self.per_gpu is not None:
+            return self.per_gpu * len(self.gpus)
+        return max(len(self.gpus), cores)  # auto: a trial keeps one core busy launching kernels
+
+    def estimate(self, key: tuple[str, str]) -> float:
+        if key in self.learned:
+            return self.learned[key] * MARGIN
+        any_gpu = max(self.room.values(), default=0.0)
+        return (self.budget or any_gpu) + CONTEXT_GIB
+
+    def full(self) -> bool:
+        with self.lock:
+            return len(self.running) >= self.limit
+
+    def take(self, key: tuple[str, str]) -> Slot | None:
+        """A slot for a trial of `key`, or None: wait for a running trial to finish."""
+        with self.lock:
+            if len(self.running) >= self.limit:
+                return None
+            if not self.gpus:
+                slot = Slot(None, 0.0, key, self.threads)
+            else:
+                gpu = self._pick(key)
+                if gpu is None:
+                    return None
+                slot = Slot(gpu, self.estimate(key) if self.per_gpu is None else 0.0, key,
+                            self.threads)  # fmt: skip
+            self.running.append(slot)
+            return slot
+
+    def _pick(self, key: tuple[str, str]) -> int | None:
+        counts = {g: sum(s.gpu == g for s in self.running) for g in self.gpus}
+        if self.per_gpu is not None:
+            gpu = min(self.gpus, key=lambda g: counts[g])
+            return gpu if counts[gpu] < self.per_gpu else None
+        need = self.estimate(key)
+        free = {g: self.room[g] - sum(s.estimate_gib for s in self.running if s.gpu == g)
+                for g in self.gpus}  # fmt: skip
+        gpu = max(self.gpus, key=lambda g: (free[g], -counts[g]))
+        if free[gpu] >= need or counts[gpu] == 0:  # an idle card always takes one trial
+            return gpu
+        return None
+
+    def give(self, slot: Slot, peak_gib: float | None, out_of_memory: bool) -> None:
+        """The trial of `slot` ended; learn its peak (and be careful after an OOM)."""
+        with self.lock:
+            self.running.remove(slot)
+            if out_of_memory:  # back to the conservative guess for this model
+                self.learned.pop(slot.key, None)
+            elif peak_gib:
+                self.learned[slot.key] = max(self.learned.get(slot.key, 0.0), peak_gib)
+
+
+def learned_peaks(trials) -> dict[tuple[str, str], float]:
+    """Largest recorded GPU peak per (model, method) among a study's finished trials."""
+    peaks: dict[tuple[str, str], float] = {}
+    for trial in trials:
+        attrs = trial.user_attrs
+        if attrs.get("status") != "success" or not str(attrs.get("memory_kind")).startswith("cuda"):
+            continue
+        key = (trial.params.get("model"), rows.method(trial))
+        peaks[key] = max(peaks.get(key, 0.0), attrs.get("peak_memory_gib") or 0.0)
+    return peaks
+
+
+def parse_gpus(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        gpus = [int(g) for g in text.split(",") if g.strip()]
+    except ValueError:
+        gpus = []
+    if not gpus or len(set(gpus)) != len(gpus) or min(gpus) < 0:
+        raise ConfigError(f"expected GPU indices like 0,1 (got {text!r})", "--gpus")
+    return gpus

@@ -1,0 +1,77 @@
+"""Where trials run and how many at once (sweep/placement.py), without GPUs: card sizes are
+given, as NVML would report them."""
+
+from __future__ import annotations
+
+import pytest
+
+from sweep import placement
+from sweep.errors import ConfigError
+from sweep.placement import CONTEXT_GIB, MARGIN, Placement
+
+
+@pytest.fixture
+def h200(monkeypatch):
+    """Cards of 140 GiB with 2 GiB already held by someone else."""
+    monkeypatch.setattr(placement, "card_memory", lambda index: (140.0, 2.0))
+
+
+def _fill(p: Placement, key) -> list:
+    slots = []
+    while (slot := p.take(key)) is not None:
+        slots.append(slot)
+    return slots
+
+
+def test_auto_starts_at_the_budget_then_packs_by_learned_peak(h200):
+    p = Placement([0], None, 1, budget_gib=24.0, learned={}, cores=64)
+    key = ("qwen2.5-0.5b", "qlora")
+    first = _fill(p, key)
+    assert len(first) == int(138 // (24 + CONTEXT_GIB))  # 5: nothing known yet
+    assert all(s.gpu == 0 and s.env()["CUDA_VISIBLE_DEVICES"] == "0" for s in first)
+    for slot in first:
+        p.give(slot, peak_gib=6.0, out_of_memory=False)
+    packed = _fill(p, key)
+    assert len(packed) == int(138 // (6.0 * MARGIN))  # 18 once 6 GiB trials were seen
+    p.give(packed[0], peak_gib=5.0, out_of_memory=True)  # an OOM: back to the budget
+    assert p.estimate(key) == 24 + CONTEXT_GIB
+
+
+def test_auto_spreads_over_gpus_and_caps_at_cores(h200):
+    p = Placement([0, 1], None, 1, budget_gib=24.0, learned={("m", "qlora"): 1.0}, cores=8)
+    slots = _fill(p, ("m", "qlora"))
+    assert len(slots) == 8  # memory would allow 110 per card: one core per trial
+    assert sorted(s.gpu for s in slots) == [0] * 4 + [1] * 4
+    assert all(s.threads == 1 for s in slots)
+
+
+def test_fixed_count_per_gpu(h200):
+    p = Placement([0, 1], 3, 1, budget_gib=24.0, learned={}, cores=16)
+    slots = _fill(p, ("m", "qlora"))
+    assert sorted(s.gpu for s in slots) == [0, 0, 0, 1, 1, 1]
+
+
+def test_cpu_jobs_share_the_cores():
+    p = Placement(None, 1, 3, budget_gib=24.0, learned={}, cores=12)
+    slots = _fill(p, ("m", "qlora"))
+    assert len(slots) == 3
+    assert all(s.gpu is None and s.env() == {"OMP_NUM_THREADS": "4"} for s in slots)
+    p.give(slots[0], None, False)
+    assert p.take(("m", "qlora")) is not None
+
+
+def test_one_trial_at_a_time_keeps_the_environment():
+    (slot,) = _fill(Placement(None, 1, 1, 24.0, {}), ("m", "qlora"))
+    assert slot.env() == {}
+
+
+def test_auto_without_a_memory_figure_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(placement, "card_memory", lambda index: None)
+    with pytest.raises(ConfigError, match="--gpus: GPU 0: no memory figure"):
+        Placement([0], None, 1, 24.0, {})
+
+
+@pytest.mark.parametrize("text", ["", "a", "0,0", "-1", "1,,x"])
+def test_bad_gpu_lists(text):
+    with pytest.raises(ConfigError, match="--gpus"):
+        placement.parse_gpus(text)
