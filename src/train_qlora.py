@@ -9,6 +9,7 @@ progress lines go to stdout (see src/progress.py). Runs alone too, for debugging
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -236,6 +237,23 @@ def build_trainer(
     return trainer, progress
 
 
+def wait_for_spec() -> Path | None:
+    """A spare trial process (`-`): started ahead with its imports done, it waits for the
+    sweep to send the spec path of the trial it is to run (nothing: the sweep had no more)."""
+    emit("ready")
+    line = sys.stdin.readline().strip()
+    if not line:
+        return None
+    spec_path = Path(line)
+    log = (spec_path.parent / "stderr.log").open("w")
+    os.dup2(log.fileno(), sys.stderr.fileno())  # from now on, like a trial started for it
+    return spec_path
+
+
 if __name__ == "__main__":
-    outcome = main(Path(sys.argv[1]))
-    emit("done", status=outcome.status.value, metrics=outcome.metrics)
+    path = wait_for_spec() if sys.argv[1] == "-" else Path(sys.argv[1])
+    if path is not None:
+        outcome = main(path)
+        emit("done", status=outcome.status.value, metrics=outcome.metrics)
+        sys.stderr.flush()
+        os._exit(0)  # everything is written: skip the interpreter's teardown (~2 s with CUDA)

@@ -173,6 +173,11 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a key of --study, e.g. data.dir=... (repeatable)",
     )
+    p.add_argument(
+        "--warm",
+        action="store_true",
+        help="--overhead: start the trial process ahead, as a sweep does for its next trial",
+    )
 
 
 def _study_args(p: argparse.ArgumentParser) -> None:

@@ -246,13 +246,18 @@ def overhead(args) -> Path:
         seen.setdefault(event["event"], time.perf_counter())
         return False  # never stop it
 
+    if args.warm:  # as in a sweep: the process was started during the previous trial
+        trial_process.SPARES.prepare({})
+        trial_process.SPARES.ready({})
     started = time.perf_counter()
-    trial_process.follow(trial_process.launch(spec), folder / "log.txt", arrived)
+    trial_process.follow(trial_process.launch(spec, {}), folder / "log.txt", arrived)
     total = time.perf_counter() - started
     outcome = json.loads((folder / "result.json").read_text())
     at = {k: v - started for k, v in seen.items()}
     phases = {
-        "process start and imports": at["start"],
+        "process start and imports" + (" (done ahead: warm spare)" if args.warm else ""): at[
+            "start"
+        ],
         "model load": at["model"] - at["start"],
         "data preparation": at["data"] - at["model"],
         "trainer set-up": at["train_begin"] - at["data"],
@@ -283,7 +288,8 @@ def overhead(args) -> Path:
     ]
     lines += [f"| {name} | {seconds:.1f} |" for name, seconds in phases.items()]
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{result['date']}-overhead-{args.study}-{args.steps}steps.md"
+    warm = "-warm" if args.warm else ""
+    path = args.out / f"{result['date']}-overhead-{args.study}-{args.steps}steps{warm}.md"
     path.with_suffix(".json").write_text(json.dumps(result, indent=2))
     path.write_text("\n".join(lines) + "\n")
     print(path.read_text())

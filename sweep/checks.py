@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import importlib.util
 import os
 import random
 import sqlite3
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -144,13 +146,21 @@ def first_wins(url: str, make, attempts: int = 6):
         try:
             if path is None:
                 return make()
-            with open(f"{path}.lock", "w") as lock:
+            with open(_lock_file(path), "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
                 return make()
         except Exception:
             if attempt == attempts - 1:
                 raise
             time.sleep(1 + 2 * random.random())
+
+
+def _lock_file(path: Path) -> Path:
+    """A lock for the SQLite file `path`, kept out of the storage folder (bad input must
+    leave that folder untouched): one per database path in the temp folder."""
+    folder = Path(tempfile.gettempdir()) / "sweep-locks"
+    folder.mkdir(exist_ok=True)
+    return folder / (hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24] + ".lock")
 
 
 def enable_wal(url: str) -> None:

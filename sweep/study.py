@@ -83,6 +83,7 @@ def run(
                       n_trials or study_cfg.n_trials, timeout_s)  # fmt: skip
     finally:
         workers.join()  # an interrupt stops every trial process; each trial is stored
+        trial_process.SPARES.close()
     workers.raise_first()
     if trial_process.INTERRUPT.is_set():
         tracker.close("KILLED")
@@ -149,8 +150,9 @@ def launch_trials(cfg, study_cfg, study, companion, tracker, placement, workers,
             return
         where = f" on {slot.where()}" if slot.gpu is not None else ""
         console.print(f"[bold]trial {trial.number}[/]{where} {params}")
+        spare_next = launched + 1 < total  # its imports overlap this trial
         workers.start(run_and_report, cfg, study_cfg, trial, params, companion, tracker,
-                      placement, slot)  # fmt: skip
+                      placement, slot, spare_next)  # fmt: skip
         launched += 1
 
 
@@ -168,10 +170,12 @@ def wait_for_slot(placement: Placement, trial: optuna.Trial, params: dict):
     return None
 
 
-def run_and_report(cfg, study_cfg, trial, params, companion, tracker, placement, slot) -> None:
+def run_and_report(cfg, study_cfg, trial, params, companion, tracker, placement, slot,
+                   spare_next: bool) -> None:  # fmt: skip
     result = None
     try:
-        state, result = run_one(cfg, study_cfg, trial, params, companion, tracker, slot)
+        state, result = run_one(cfg, study_cfg, trial, params, companion, tracker, slot,
+                                spare_next)  # fmt: skip
     finally:
         oom = result is not None and result.status == Status.INFEASIBLE
         placement.give(slot, result.peak_memory_gib if result else None, oom)

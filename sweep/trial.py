@@ -41,8 +41,10 @@ def run_one(
     companion: optuna.Study,
     tracker: Tracker,
     slot: Slot | None = None,
+    spare_next: bool = False,
 ) -> tuple[TrialState, TrialResult]:
-    """Run one trial to its end; `slot` says where (its GPU and CPU threads)."""
+    """Run one trial to its end; `slot` says where (its GPU and CPU threads). `spare_next`:
+    start the next trial's process now, so its imports overlap this trial."""
     trial_dir = cfg.storage.trials / study_cfg.name / str(trial.number)
     trial_dir.mkdir(parents=True, exist_ok=True)
     spec_path = write_spec(cfg, study_cfg, params, trial_dir)
@@ -58,7 +60,10 @@ def run_one(
     watch = Watch(tracker, run_id, mirror)
     beat = Heartbeat(trial.storage, [trial._trial_id, mirror._trial_id])
     kills_before = trial_process.oom_kills()
-    proc = trial_process.launch(spec_path, slot.env() if slot else None)
+    env = slot.env() if slot else {}
+    proc = trial_process.launch(spec_path, env)
+    if spare_next:
+        trial_process.SPARES.prepare(env)
     try:
         ended = trial_process.follow(
             proc, trial_dir / "stdout.log", watch, study_cfg.trial_timeout_s, beat

@@ -37,7 +37,7 @@ def postgres_urls():
     if not POSTGRES:
         if os.environ.get("CI"):
             pytest.fail("SWEEP_TEST_POSTGRES is not set: .ci/run starts PostgreSQL for this test")
-        pytest.skip("no PostgreSQL: url=$(bash tests/postgres.sh start); export SWEEP_TEST_POSTGRES=$url")
+        pytest.skip("no PostgreSQL: export SWEEP_TEST_POSTGRES=$(bash tests/postgres.sh start)")
     import psycopg
 
     names = [f"sweep_{kind}_{uuid.uuid4().hex[:8]}" for kind in ("optuna", "mlflow")]
