@@ -90,7 +90,17 @@ def _model(args, cfg) -> tuple[Path, str]:
     """(checkpoint folder, shape name): a Qwen2.5 shape built once under the cache, or a
     folder given as is."""
     if args.model in SHAPES:
-        return cfg.storage.cache / "random" / f"qwen2.5-{args.model.lower()}", args.model
+        folder = cfg.storage.cache / "random" / f"qwen2.5-{args.model.lower()}"
+        if (
+            not (folder / "config.json").is_file()
+            and not (args.tokenizer / "tokenizer.json").is_file()
+        ):
+            raise ConfigError(
+                f"building the {args.model} checkpoint needs a tokenizer folder; "
+                f"{args.tokenizer} has no tokenizer.json",
+                "--tokenizer",
+            )
+        return folder, args.model
     folder = Path(args.model)
     if not (folder / "config.json").is_file():
         known = ", ".join(SHAPES)
