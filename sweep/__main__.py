@@ -143,9 +143,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--tokenizer",
-        type=Path,
-        default=Path("data/gpu-tokenizer"),
-        help="tokenizer saved with a built checkpoint",
+        default="Qwen/Qwen2.5-0.5B-Instruct",
+        help="tokenizer saved with a built checkpoint: a folder or a hub id (default: Qwen2.5's)",
     )
     p.add_argument("--out", type=Path, default=Path("docs/bench"), help="default: docs/bench")
     p.add_argument(

@@ -91,13 +91,10 @@ def _model(args, cfg) -> tuple[Path, str]:
     folder given as is."""
     if args.model in SHAPES:
         folder = cfg.storage.cache / "random" / f"qwen2.5-{args.model.lower()}"
-        if (
-            not (folder / "config.json").is_file()
-            and not (args.tokenizer / "tokenizer.json").is_file()
-        ):
+        if not (folder / "config.json").is_file() and not _tokenizer_found(args.tokenizer):
             raise ConfigError(
-                f"building the {args.model} checkpoint needs a tokenizer folder; "
-                f"{args.tokenizer} has no tokenizer.json",
+                f"building the {args.model} checkpoint needs a tokenizer: a folder with "
+                f"tokenizer.json or a model hub id; {args.tokenizer} is neither",
                 "--tokenizer",
             )
         return folder, args.model
@@ -106,6 +103,13 @@ def _model(args, cfg) -> tuple[Path, str]:
         known = ", ".join(SHAPES)
         raise ConfigError(f"not a shape ({known}) nor a model folder: {args.model}", "--model")
     return folder.resolve(), folder.name
+
+
+def _tokenizer_found(name: str) -> bool:
+    """A local folder with tokenizer.json, or something shaped like a hub id (org/name)."""
+    if Path(name).exists() or name.startswith((".", "/", "~")):
+        return (Path(name).expanduser() / "tokenizer.json").is_file()
+    return name.count("/") == 1
 
 
 def _child(argv: list[str]) -> None:

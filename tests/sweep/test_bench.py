@@ -46,10 +46,12 @@ def test_bench_on_the_cpu_writes_json_and_markdown(tmp_path, tiny_model):
         (["--variant", "x:micro_batch=3"], "train.micro_batch: must divide"),
         (["--variant", "x:no_such_key=1"], "train.no_such_key: unknown key"),
         (["--model", "3B", "--tokenizer", "/nope"], "--tokenizer: building the 3B checkpoint"),
+        (["--model", "3B", "--tokenizer", "not-a-hub-id"], "--tokenizer: building the 3B"),
     ],
 )
-def test_bad_bench_input_is_one_line(tmp_path, args, message):
-    out = run_cli("bench", "--out", str(tmp_path / "out"), *args)
+def test_bad_bench_input_is_one_line(tmp_path, tiny_model, args, message):
+    model = [] if "--model" in args else ["--model", str(tiny_model)]
+    out = run_cli("bench", "--out", str(tmp_path / "out"), *model, *args)
     assert out.returncode == 2
     assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
