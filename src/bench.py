@@ -13,6 +13,7 @@ fixed length: throughput and memory do not depend on the values.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import statistics
@@ -35,6 +36,7 @@ from transformers import (
 from src import models, random_qwen, speed, train_qlora
 from src.memory import PeakMemory
 from src.progress import emit
+from sweep.config import Model
 from sweep.results import package_versions
 
 LR = 2e-4
@@ -108,14 +110,7 @@ def trial_path(
 
 def model_spec(folder: str) -> dict:
     """A [models] entry for a local folder, as a trial's spec.json holds it."""
-    return {
-        "id": None,
-        "path": folder,
-        "package": None,
-        "gguf_file": None,
-        "trust_remote_code": False,
-        "layers": 0,
-    }
+    return dataclasses.asdict(Model(alias=Path(folder).name, path=folder))
 
 
 def loss_and_grads(model, batch: torch.Tensor, autocast: bool = True) -> tuple[float, dict]:
@@ -161,7 +156,9 @@ def compare(want: tuple[float, dict], got: tuple[float, dict]) -> dict:
     }
 
 
-def measure(recipe: str, bench: dict, dataset, check_batch, train_cfg: dict | None) -> dict:
+def measure(
+    recipe: str, bench: dict, dataset, check_batch, train_cfg: dict | None
+) -> tuple[dict, tuple[float, dict]]:
     """One recipe from load to its last step: times, peak memory, and the check batch."""
     gc.collect()
     if torch.cuda.is_available():
@@ -297,7 +294,7 @@ def main(bench_path: Path) -> dict:
         emit("building", shape=bench["shape"], folder=str(model_dir))
         random_qwen.build(bench["shape"], Path(bench["tokenizer"]), model_dir)
     config = json.loads((model_dir / "config.json").read_text())
-    bench["n_params"] = bench.get("n_params") or random_qwen.count(config)
+    bench["n_params"] = random_qwen.count(config)
     bench["matmul_tflops"] = matmul_tflops()
     steps = bench["warmup"] + bench["steps"]
     ids = random_tokens(config["vocab_size"], steps * bench["batch"], bench["seq"])

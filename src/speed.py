@@ -117,11 +117,9 @@ class PaddingFree:
     ids; a batch of equal lengths is stacked as is. Written here because transformers offers
     either collator but not the choice per batch (the causal kernel needs no mask)."""
 
-    def __init__(self, tokenizer, pad_to_multiple_of: int | None = None):
+    def __init__(self, tokenizer):
         self.flat = DataCollatorWithFlattening(return_position_ids=True)
-        self.padded = DataCollatorForSeq2Seq(
-            tokenizer, padding=True, pad_to_multiple_of=pad_to_multiple_of
-        )
+        self.padded = DataCollatorForSeq2Seq(tokenizer, padding=True)
 
     def __call__(self, features: list[dict]) -> dict:
         if len({len(f["input_ids"]) for f in features}) == 1:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import os
 import re
 import statistics
 import subprocess
@@ -113,7 +112,7 @@ def _tokenizer_found(name: str) -> bool:
 
 
 def _child(argv: list[str]) -> None:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = trial_process.child_env()
     done = subprocess.run([sys.executable, *argv], cwd=trial_process.PROJECT_ROOT, env=env)
     if done.returncode:
         raise SystemExit(f"error: the benchmark process failed (exit {done.returncode})")
@@ -193,6 +192,7 @@ def markdown(result: dict) -> str:
             "checkpoint_share",
             "kernels",
             "packing",
+            "compile",
             "optimizer",
         )
         settings.append(f"- {name}: " + ", ".join(f"{k}={train[k]}" for k in keys))

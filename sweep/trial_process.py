@@ -43,10 +43,19 @@ def launch(spec_path: Path, extra_env: dict[str, str] | None = None) -> subproce
     return _start(spec_path, extra_env)
 
 
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a torch child process (a trial, the benchmark): unbuffered lines."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+            **(extra or {})}  # fmt: skip
+
+
+def _key(env: dict[str, str]) -> tuple:
+    return tuple(sorted(env.items()))
+
+
 def _start(spec_path: Path | None, extra_env: dict[str, str] | None) -> subprocess.Popen:
     """A trial process; with no spec path, a spare that reads it from stdin once imported."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-           **(extra_env or {})}  # fmt: skip
+    env = child_env(extra_env)
     spare = spec_path is None
     stderr = subprocess.DEVNULL if spare else (spec_path.parent / "stderr.log").open("w")
     return subprocess.Popen(
@@ -81,12 +90,12 @@ class Spares:
 
     def take(self, env: dict[str, str]) -> subprocess.Popen | None:
         with self.lock:
-            proc = self.waiting.pop(tuple(sorted(env.items())), None)
+            proc = self.waiting.pop(_key(env), None)
         return proc if proc is not None and proc.poll() is None else None
 
     def prepare(self, env: dict[str, str]) -> None:
         """Have a spare ready for the next trial in `env`."""
-        key = tuple(sorted(env.items()))
+        key = _key(env)
         with self.lock:
             if key in self.waiting or key in self.pending:
                 return
@@ -98,7 +107,7 @@ class Spares:
 
     def ready(self, env: dict[str, str], timeout_s: float = 600) -> subprocess.Popen:
         """Wait until the spare for `env` exists and has imported everything (benchmarks)."""
-        key, deadline = tuple(sorted(env.items())), time.monotonic() + timeout_s
+        key, deadline = _key(env), time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with self.lock:
                 proc = self.waiting.get(key)
@@ -111,7 +120,7 @@ class Spares:
     def _start_spares(self) -> None:
         while (env := self.requests.get()) is not None:
             proc = _start(None, env)
-            key = tuple(sorted(env.items()))
+            key = _key(env)
             with self.lock:
                 self.waiting[key] = proc
                 self.pending.discard(key)
