@@ -53,6 +53,16 @@ class PeakMemory:
                 return
             self._stop.wait(interval_s)
 
+    def so_far(self) -> float | None:
+        """The GPU peak up to now, as `read()` computes it (None on the CPU); the sweep packs
+        trials by it while they run."""
+        if not self.cuda:
+            return None
+        reserved = torch.cuda.max_memory_reserved() / GIB
+        if not self.nvml_now:  # no NVML: the allocator's figure alone
+            return reserved
+        return reserved + max(0, self.nvml_now - torch.cuda.memory_reserved()) / GIB
+
     def read(self) -> tuple[float, str, float | None]:
         """(peak GiB, what it measured, NVML peak GiB or None)."""
         self._stop.set()
@@ -61,9 +71,7 @@ class PeakMemory:
         if self.cuda:
             self.allocated_gib = torch.cuda.max_memory_allocated() / GIB
             self.reserved_gib = torch.cuda.max_memory_reserved() / GIB
-            if not self.nvml_now:  # no NVML: the allocator's figure alone
-                return self.reserved_gib, "cuda_reserved", None
-            outside = max(0, self.nvml_now - torch.cuda.memory_reserved())
-            return self.reserved_gib + outside / GIB, "cuda_process", self.nvml_peak / GIB
+            kind = "cuda_process" if self.nvml_now else "cuda_reserved"
+            return self.so_far(), kind, (self.nvml_peak / GIB if self.nvml_now else None)
         rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
         return rss_kib * 1024 / GIB, "cpu_rss", None

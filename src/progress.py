@@ -12,14 +12,19 @@ PREFIX = "SWEEP_PROGRESS "  # the sweep reads lines with this prefix; anything e
 
 
 def emit(event: str, **fields) -> None:
-    sys.stdout.write(PREFIX + json.dumps({"event": event, **fields}) + "\n")
+    """One event, stamped with the wall-clock time (the sweep and benchmarks time phases by it)."""
+    line = json.dumps({"event": event, "time": round(time.time(), 3), **fields})
+    sys.stdout.write(PREFIX + line + "\n")
     sys.stdout.flush()
 
 
 class ProgressCallback(TrainerCallback):
-    """Streams step, train loss and validation loss; times the training steps alone."""
+    """Streams step, train loss and validation loss; times the training steps alone. With
+    `memory`, train events carry the GPU peak so far (`gpu_gib`): the sweep packs trials onto
+    a card by what the running ones hold, not only by finished ones."""
 
-    def __init__(self):
+    def __init__(self, memory=None):
+        self.memory = memory
         self.train_seconds = 0.0
         self._t0 = 0.0
 
@@ -37,11 +42,13 @@ class ProgressCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
+            gpu = self.memory.so_far() if self.memory is not None else None
             emit(
                 "train",
                 step=state.global_step,
                 loss=logs["loss"],
                 tokens=int(state.num_input_tokens_seen),
+                **({"gpu_gib": round(gpu, 3)} if gpu is not None else {}),
             )
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):

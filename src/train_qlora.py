@@ -103,6 +103,7 @@ def train_and_evaluate(spec: dict, memory: PeakMemory, started: float) -> TrialR
         train_cfg,
         params["lr"],
         out_dir,
+        memory,
     )
     trainer.train()
     emit("evaluating", examples=len(eval_rows))
@@ -194,6 +195,7 @@ def build_trainer(
     train_cfg: dict,
     lr: float,
     out_dir: Path,
+    memory: PeakMemory | None = None,
 ) -> tuple[Trainer, ProgressCallback]:
     """HF Trainer over tokenized datasets; `train_cfg["micro_batch"]` splits each batch into
     micro-batches with gradient accumulation (same optimizer steps, less activation memory)."""
@@ -225,7 +227,7 @@ def build_trainer(
         disable_tqdm=True,
         dataloader_pin_memory=cuda,
     )
-    progress = ProgressCallback()
+    progress = ProgressCallback(memory)
     trainer = Trainer(
         model=model,
         args=args,

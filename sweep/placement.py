@@ -1,10 +1,11 @@
 """Where the next trial runs, and how many run at once (`--gpus`, `--trials-per-gpu`, `--jobs`).
 
 `--trials-per-gpu auto` packs trials onto GPUs by their expected peak memory: the largest
-peak recorded by the study's finished trials of the same model and method, times a safety
-margin. A model not seen yet is expected to need the whole memory budget (each trial caps its
-own allocator to it) plus the CUDA context, so packing starts conservatively and tightens as
-trials finish; a trial that runs out of memory anyway resets its model's estimate to that.
+peak recorded by the study's trials of the same model and method, times a safety margin.
+A model not seen yet is expected to need the whole memory budget (each trial caps its own
+allocator to it) plus the CUDA context, so packing starts conservatively; it tightens as soon
+as the first trials report their peak after a training step (progress events), and again
+when they finish. A trial that runs out of memory anyway resets its model's estimate.
 The sweep process never imports torch: card sizes come from NVML (nvidia-ml-py) or
 `nvidia-smi`.
 """
@@ -26,10 +27,10 @@ MARGIN = 1.25  # expected peak = learned peak x this
 CONTEXT_GIB = 1.0  # what a trial holds outside its allocator (CUDA context, cuBLAS workspace)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(eq=False)  # one object per running trial
 class Slot:
     gpu: int | None  # None: not pinned (CPU jobs, or one trial on the default GPU)
-    estimate_gib: float
+    estimate_gib: float  # what it is expected to hold at its peak; lowered by observe()
     key: tuple[str, str]  # (model, method)
     threads: int | None = None  # CPU threads per trial when several share the host
 
@@ -140,6 +141,14 @@ class Placement:
         if free[gpu] >= need or counts[gpu] == 0:  # an idle card always takes one trial
             return gpu
         return None
+
+    def observe(self, slot: Slot, peak_gib: float) -> None:
+        """A running trial reports its peak so far: expect that (x margin) of it and of the
+        next trials of its model, instead of the conservative first guess."""
+        with self.lock:
+            self.learned[slot.key] = max(self.learned.get(slot.key, 0.0), peak_gib)
+            if slot.estimate_gib:
+                slot.estimate_gib = self.learned[slot.key] * MARGIN
 
     def give(self, slot: Slot, peak_gib: float | None, out_of_memory: bool) -> None:
         """The trial of `slot` ended; learn its peak (and be careful after an OOM)."""

@@ -30,6 +30,8 @@ from sweep.space import suggest
 from sweep.tracking import Tracker
 from sweep.trial import Heartbeat, ask, run_one
 
+MAX_SPARES = 4  # trial processes kept imported ahead per GPU (each holds ~0.6 GiB of RAM)
+
 console = Console()
 
 
@@ -150,9 +152,11 @@ def launch_trials(cfg, study_cfg, study, companion, tracker, placement, workers,
             return
         where = f" on {slot.where()}" if slot.gpu is not None else ""
         console.print(f"[bold]trial {trial.number}[/]{where} {params}")
-        spare_next = launched + 1 < total  # its imports overlap this trial
+        # processes for the next trials, their imports overlapping this one: as many as may
+        # start together when several running trials end at once
+        spares = min(total - launched - 1, placement.limit, MAX_SPARES)
         workers.start(run_and_report, cfg, study_cfg, trial, params, companion, tracker,
-                      placement, slot, spare_next)  # fmt: skip
+                      placement, slot, spares)  # fmt: skip
         launched += 1
 
 
@@ -171,11 +175,11 @@ def wait_for_slot(placement: Placement, trial: optuna.Trial, params: dict):
 
 
 def run_and_report(cfg, study_cfg, trial, params, companion, tracker, placement, slot,
-                   spare_next: bool) -> None:  # fmt: skip
+                   spares: int) -> None:  # fmt: skip
     result = None
     try:
         state, result = run_one(cfg, study_cfg, trial, params, companion, tracker, slot,
-                                spare_next)  # fmt: skip
+                                spares, lambda gib: placement.observe(slot, gib))  # fmt: skip
     finally:
         oom = result is not None and result.status == Status.INFEASIBLE
         placement.give(slot, result.peak_memory_gib if result else None, oom)

@@ -15,6 +15,7 @@ import signal
 import socket
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -41,10 +42,12 @@ def run_one(
     companion: optuna.Study,
     tracker: Tracker,
     slot: Slot | None = None,
-    spare_next: bool = False,
+    spares: int = 0,
+    on_memory: Callable[[float], None] = lambda gib: None,
 ) -> tuple[TrialState, TrialResult]:
-    """Run one trial to its end; `slot` says where (its GPU and CPU threads). `spare_next`:
-    start the next trial's process now, so its imports overlap this trial."""
+    """Run one trial to its end; `slot` says where (its GPU and CPU threads). `spares`: keep
+    that many processes for the next trials started now, so their imports overlap this trial.
+    `on_memory` receives the trial's GPU peak so far while it trains."""
     trial_dir = cfg.storage.trials / study_cfg.name / str(trial.number)
     trial_dir.mkdir(parents=True, exist_ok=True)
     spec_path = write_spec(cfg, study_cfg, params, trial_dir)
@@ -57,13 +60,13 @@ def run_one(
     if slot is not None and slot.gpu is not None:
         trial.set_user_attr("gpu", slot.gpu)
 
-    watch = Watch(tracker, run_id, mirror)
+    watch = Watch(tracker, run_id, mirror, on_memory)
     beat = Heartbeat(trial.storage, [trial._trial_id, mirror._trial_id])
     kills_before = trial_process.oom_kills()
     env = slot.env() if slot else {}
     proc = trial_process.launch(spec_path, env)
-    if spare_next:
-        trial_process.SPARES.prepare(env)
+    if spares:
+        trial_process.SPARES.prepare(env, spares)
     try:
         ended = trial_process.follow(
             proc, trial_dir / "stdout.log", watch, study_cfg.trial_timeout_s, beat
@@ -97,14 +100,18 @@ class Watch:
     Called for every event; returns True when the trial should be pruned.
     """
 
-    def __init__(self, tracker: Tracker, run_id: str, mirror: optuna.Trial):
+    def __init__(self, tracker: Tracker, run_id: str, mirror: optuna.Trial,
+                 on_memory: Callable[[float], None] = lambda gib: None):  # fmt: skip
         self.tracker, self.run_id, self.mirror = tracker, run_id, mirror
+        self.on_memory = on_memory  # the GPU peak so far, from train events (placement)
         self.last: dict = {}  # the latest validation event, with the training tokens so far
 
     def __call__(self, event: dict) -> bool:
         self.tracker.log_event(self.run_id, event)
         if event["event"] == "train":
             self.last = {**self.last, "tokens": event.get("tokens", 0)}
+            if event.get("gpu_gib"):
+                self.on_memory(event["gpu_gib"])
         if event["event"] != "eval":
             return False
         self.last = {**self.last, **event}

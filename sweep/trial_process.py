@@ -72,9 +72,9 @@ def _start(spec_path: Path | None, extra_env: dict[str, str] | None) -> subproce
 
 
 class Spares:
-    """One trial process started ahead per environment (GPU, threads), so that the next
-    trial does not wait for Python to import torch, transformers and PEFT (seconds: 7 on
-    this project's CPU machine, 17 on the H200 host). Each still runs exactly one trial.
+    """Trial processes started ahead per environment (GPU, threads), so that the next trials
+    do not wait for Python to import torch, transformers and PEFT (seconds: 7 on this
+    project's CPU machine, 17 on the H200 host). Each still runs exactly one trial.
 
     Spares are started by one thread that lives as long as the sweep: PR_SET_PDEATHSIG
     kills a child when the *thread* that started it ends, and a trial's own thread ends with
@@ -82,35 +82,42 @@ class Spares:
     """
 
     def __init__(self):
-        self.waiting: dict[tuple, subprocess.Popen] = {}
-        self.pending: set[tuple] = set()
+        self.waiting: dict[tuple, list[subprocess.Popen]] = {}
+        self.pending: dict[tuple, int] = {}
         self.lock = threading.Lock()
         self.requests: queue.Queue = queue.Queue()
         self.thread: threading.Thread | None = None
 
     def take(self, env: dict[str, str]) -> subprocess.Popen | None:
         with self.lock:
-            proc = self.waiting.pop(_key(env), None)
-        return proc if proc is not None and proc.poll() is None else None
+            procs = self.waiting.get(_key(env), [])
+            while procs:
+                proc = procs.pop(0)
+                if proc.poll() is None:
+                    return proc
+        return None
 
-    def prepare(self, env: dict[str, str]) -> None:
-        """Have a spare ready for the next trial in `env`."""
+    def prepare(self, env: dict[str, str], count: int = 1) -> None:
+        """Have `count` spares ready (or on their way) for the next trials in `env`."""
         key = _key(env)
         with self.lock:
-            if key in self.waiting or key in self.pending:
+            missing = count - len(self.waiting.get(key, [])) - self.pending.get(key, 0)
+            if missing <= 0:
                 return
-            self.pending.add(key)
+            self.pending[key] = self.pending.get(key, 0) + missing
             if self.thread is None:
                 self.thread = threading.Thread(target=self._start_spares, daemon=True)
                 self.thread.start()
-        self.requests.put(env)
+        for _ in range(missing):
+            self.requests.put(env)
 
     def ready(self, env: dict[str, str], timeout_s: float = 600) -> subprocess.Popen:
-        """Wait until the spare for `env` exists and has imported everything (benchmarks)."""
+        """Wait until a spare for `env` exists and has imported everything (benchmarks)."""
         key, deadline = _key(env), time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with self.lock:
-                proc = self.waiting.get(key)
+                procs = self.waiting.get(key)
+                proc = procs[0] if procs else None
             if proc is not None:
                 proc.stdout.readline()  # its first line, "ready", comes after the imports
                 return proc
@@ -122,13 +129,14 @@ class Spares:
             proc = _start(None, env)
             key = _key(env)
             with self.lock:
-                self.waiting[key] = proc
-                self.pending.discard(key)
+                self.waiting.setdefault(key, []).append(proc)
+                self.pending[key] = max(0, self.pending.get(key, 0) - 1)
 
     def close(self) -> None:
         """No more trials: the spares read an empty line and exit."""
         with self.lock:
-            spares, self.waiting, self.pending = list(self.waiting.values()), {}, set()
+            spares = [proc for procs in self.waiting.values() for proc in procs]
+            self.waiting, self.pending = {}, {}
             thread, self.thread = self.thread, None
         for proc in spares:
             try:

@@ -37,6 +37,23 @@ def test_auto_starts_at_the_budget_then_packs_by_learned_peak(h200):
     assert p.estimate(key) == 24 + CONTEXT_GIB
 
 
+def test_running_trials_tighten_the_first_wave(h200):
+    """The first trials' peaks after a training step (not only at their end) make room."""
+    p = Placement([0], None, 1, budget_gib=24.0, learned={}, cores=64)
+    key = ("qwen2.5-0.5b", "qlora")
+    first = _fill(p, key)
+    assert len(first) == 5
+    for slot in first:
+        p.observe(slot, 6.0)
+    assert all(s.estimate_gib == 6.0 * MARGIN for s in first)
+    more = _fill(p, key)  # 138 GiB minus five running trials now expected at 7.5 GiB
+    assert len(more) == int((138 - 5 * 6.0 * MARGIN) // (6.0 * MARGIN))
+    p.observe(first[0], 9.0)  # a peak only grows: the whole model's estimate follows
+    assert p.estimate(key) == 9.0 * MARGIN
+    p.give(first[0], peak_gib=9.0, out_of_memory=False)
+    assert first[0] not in p.running and len(p.running) == 4 + len(more)
+
+
 def test_auto_spreads_over_gpus_and_caps_at_cores(h200):
     p = Placement([0, 1], None, 1, budget_gib=24.0, learned={("m", "qlora"): 1.0}, cores=8)
     slots = _fill(p, ("m", "qlora"))

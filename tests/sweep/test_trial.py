@@ -9,7 +9,7 @@ import pytest
 
 from sweep import trial_process
 from sweep.results import Status, TrialResult
-from sweep.trial import outcome, tell
+from sweep.trial import Watch, outcome, tell
 
 
 def test_result_file_wins_when_the_process_exited_cleanly(tmp_path):
@@ -79,3 +79,15 @@ def test_oom_kill_counter_is_read_from_cgroup_files(tmp_path):
     v1.write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 3\n")
     assert trial_process.oom_kills((tmp_path / "absent", v1)) == 3
     assert trial_process.oom_kills((tmp_path / "absent",)) is None
+
+
+def test_watch_passes_the_running_gpu_peak_to_placement():
+    class Tracker:
+        def log_event(self, run_id, event):
+            pass
+
+    seen = []
+    watch = Watch(Tracker(), "run", mirror=None, on_memory=seen.append)
+    assert watch({"event": "train", "step": 1, "loss": 2.0, "tokens": 64, "gpu_gib": 5.5}) is False
+    assert watch({"event": "train", "step": 2, "loss": 1.9, "tokens": 128}) is False  # CPU trial
+    assert seen == [5.5] and watch.last == {"tokens": 128}

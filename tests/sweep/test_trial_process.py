@@ -21,3 +21,22 @@ def test_a_spare_outlives_the_thread_that_asked_for_it():
     assert spares.take({"OMP_NUM_THREADS": "2"}) is None  # another environment: no spare
     spares.close()
     assert proc.wait(timeout=30) == 0  # told there is no trial: exits cleanly
+
+
+def test_several_spares_for_trials_that_start_together():
+    spares = Spares()
+    env = {"OMP_NUM_THREADS": "1"}
+    spares.prepare(env, 2)
+    spares.prepare(env, 2)  # already on their way: no more
+    first = spares.ready(env, timeout_s=120)
+    deadline = time.monotonic() + 120
+    while len(spares.waiting.get(tuple(env.items()), [])) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert spares.take(env) is first
+    second = spares.take(env)
+    assert second is not None and second is not first
+    assert spares.take(env) is None  # two asked for, two given
+    for proc in (first, second):
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0
+    spares.close()

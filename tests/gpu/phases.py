@@ -1,0 +1,72 @@
+"""Where the time of packed trials goes (tests/gpu/pack.sh): per trial, from its spec file's
+time (launch) and its progress events' times, the phases import, set-up, training,
+evaluation and the sweep's bookkeeping; medians per study and the most trials at once.
+
+    python3 tests/gpu/phases.py OPTUNA_DB OUT_DIR STUDY [STUDY ...]
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import optuna
+
+PREFIX = "SWEEP_PROGRESS "
+PHASES = [  # (name, from event, to event)
+    ("imports (or spare hand-over)", "launch", "start"),
+    ("model, data, trainer set-up", "start", "train_begin"),
+    ("training incl. validation", "train_begin", "train_end"),
+    ("evaluation and saving", "train_end", "done"),
+    ("sweep bookkeeping", "done", "complete"),
+]
+
+
+def times(trial: optuna.trial.FrozenTrial) -> dict[str, float]:
+    trial_dir = Path(trial.user_attrs["trial_dir"])
+    seen = {"launch": (trial_dir / "spec.json").stat().st_mtime}
+    for line in (trial_dir / "stdout.log").read_text().splitlines():
+        if line.startswith(PREFIX):
+            event = json.loads(line[len(PREFIX) :])
+            seen.setdefault(event["event"], event.get("time"))
+    if trial.datetime_complete:
+        seen["complete"] = trial.datetime_complete.timestamp()
+    return seen
+
+
+def main(db: str, out: Path, studies: list[str]) -> None:
+    for name in studies:
+        trials = optuna.load_study(study_name=name, storage=f"sqlite:///{db}").trials
+        rows = []
+        for trial in trials:
+            seen = times(trial)
+            rows.append(
+                {
+                    "number": trial.number,
+                    "state": trial.state.name,
+                    **seen,
+                    **{k: trial.user_attrs.get(k) for k in ("gpu", "peak_memory_gib")},
+                }
+            )
+        (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
+        spans = [(r["launch"], r["complete"]) for r in rows if r.get("complete")]
+        most = max(sum(a <= t < b for a, b in spans) for t, _ in spans)
+        wall = max(b for _, b in spans) - min(a for a, _ in spans)
+        print(
+            f"{name}: {len(spans)} trials, first launch to last end {wall:.0f} s "
+            f"({3600 * len(spans) / wall:.0f}/h), up to {most} at once"
+        )
+        for phase, start, end in PHASES:
+            took = [r[end] - r[start] for r in rows if r.get(start) and r.get(end)]
+            if took:
+                print(
+                    f"  {phase:30s} median {statistics.median(took):6.1f} s  max {max(took):6.1f} s"
+                )
+        total = [r["complete"] - r["launch"] for r in rows if r.get("complete")]
+        print(f"  {'whole trial':30s} median {statistics.median(total):6.1f} s")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]), sys.argv[3:])
