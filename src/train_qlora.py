@@ -18,7 +18,7 @@ import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
 from objectives import OBJECTIVES
-from src import models, speed
+from src import fused_lora, models, speed
 from src.data import to_dataset
 from src.memory import PeakMemory
 from src.progress import ProgressCallback, emit
@@ -171,6 +171,7 @@ def setup(model_spec: dict, params: dict, train_cfg: dict, cache_dir: Path):
             train_cfg["target_modules"],
             checkpointing,
         )
+    fused = fused_lora.fuse_lora(model) if train_cfg["fused_lora"] and method != "full" else 0
     recomputed = (
         speed.checkpoint_share(model, train_cfg["checkpoint_share"]) if checkpointing else 0
     )
@@ -181,6 +182,7 @@ def setup(model_spec: dict, params: dict, train_cfg: dict, cache_dir: Path):
         method=method,
         dtype=str(models.compute_dtype(dtype)).removeprefix("torch."),
         kernels=kernels,
+        fused_lora_layers=fused,
         checkpointed_layers=recomputed,
         compiled_layers=compiled,
     )
