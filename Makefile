@@ -6,6 +6,8 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 EXTRAS ?= test
+# pytest-xdist processes: most tests wait on subprocesses (sweeps, trials), 2 keep 2 cores busy
+TEST_WORKERS ?= 2
 BIN := $(VENV)/bin
 
 .PHONY: install demo test test-fast lint gpu-test
@@ -27,10 +29,10 @@ demo: install
 	@echo "next: $(BIN)/python -m sweep report --study demo  (plots in storage/reports/demo/)"
 
 test: install
-	$(BIN)/python -m pytest -m "not gpu" -q --durations=10
+	$(BIN)/python -m pytest -m "not gpu" -q --durations=15 -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not gpu and not integration" -q
+	$(BIN)/python -m pytest -m "not gpu and not integration" -q -n $(TEST_WORKERS) --dist worksteal
 
 lint:
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
