@@ -11,6 +11,47 @@ import torch
 GIB = 1024**3
 
 
+def nvml_reader():
+    """A function that returns the bytes NVML counts for this process on its current GPU
+    (0 before it holds any), or None when NVML is missing or refuses."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        uuid = torch.cuda.get_device_properties(torch.cuda.current_device()).uuid
+        handle = pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+    except Exception:
+        return None
+    pid = os.getpid()
+
+    def read() -> int:
+        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        return next((p.usedGpuMemory or 0 for p in procs if p.pid == pid), 0)
+
+    return read
+
+
+def cap(budget_gib: float) -> float | None:
+    """On a GPU larger than the budget, let this process hold only the budget, as on a card
+    of that size: the caching allocator gets the budget minus what the process holds outside
+    it (CUDA context, measured through NVML once the context exists). A trial that would not
+    fit on the budget card (24 GB by default) then runs out of memory here too, instead of
+    looking fine on an H200. Returns the allocator's share of the card, None when uncapped.
+    The CPU has no such cap: there the budget is checked against the measured peak after the
+    trial (sweep/trial.py)."""
+    if not budget_gib or not torch.cuda.is_available():
+        return None
+    torch.zeros(1, device="cuda")  # the context exists from here on
+    read = nvml_reader()
+    outside = max(0, read() - torch.cuda.memory_reserved()) if read else 0
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    fraction = (budget_gib * GIB - outside) / total
+    if fraction >= 1:
+        return None
+    torch.cuda.set_per_process_memory_fraction(max(fraction, 0.0))
+    return fraction
+
+
 class PeakMemory:
     """Start before loading the model; `read()` at the end.
 
@@ -33,22 +74,14 @@ class PeakMemory:
             self._thread.start()
 
     def _sample(self, interval_s: float) -> None:
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            index = torch.cuda.current_device()
-            uuid = torch.cuda.get_device_properties(index).uuid
-            handle = pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
-        except Exception:  # NVML missing or refused: the torch figure still stands
+        read = nvml_reader()
+        if read is None:  # NVML missing or refused: the torch figure still stands
             return
-        pid = os.getpid()
         while True:
             stopping = self._stop.is_set()  # one last sample after read() asks to stop
-            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                if proc.pid == pid and proc.usedGpuMemory:
-                    self.nvml_now = proc.usedGpuMemory
-                    self.nvml_peak = max(self.nvml_peak, proc.usedGpuMemory)
+            if used := read():
+                self.nvml_now = used
+                self.nvml_peak = max(self.nvml_peak, used)
             if stopping:
                 return
             self._stop.wait(interval_s)

@@ -21,6 +21,7 @@ from objectives import OBJECTIVES
 from src import fused_lora, models, speed
 from src.data import to_dataset
 from src.memory import PeakMemory
+from src.memory import cap as memory_cap
 from src.progress import ProgressCallback, emit
 from sweep.results import Status, TrialResult, git_state, package_versions
 
@@ -30,7 +31,9 @@ def main(spec_path: Path) -> TrialResult:
     emit("start")  # imports done: the sweep times a trial's phases by these events
     spec = json.loads(Path(spec_path).read_text())
     started = time.perf_counter()
-    cap_memory(spec.get("vram_budget_gb", 0.0))
+    budget = spec.get("vram_budget_gb", 0.0)
+    if (fraction := memory_cap(budget)) is not None:
+        emit("memory_cap", budget_gib=budget, fraction=round(fraction, 4))
     memory = PeakMemory()
     try:
         return train_and_evaluate(spec, memory, started)
@@ -58,22 +61,6 @@ def is_out_of_memory(err: BaseException) -> bool:
     if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
         return True
     return "can't allocate memory" in str(err) or "out of memory" in str(err).lower()
-
-
-def cap_memory(budget_gib: float) -> None:
-    """On a GPU larger than the budget, let this process use only the budget.
-
-    A trial that would not fit on the budget card (24 GB by default) then runs out of memory
-    here too, instead of looking fine on an H200. The CPU has no such cap: there the budget is
-    checked against the measured peak after the trial (sweep/trial.py).
-    """
-    if not budget_gib or not torch.cuda.is_available():
-        return
-    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    fraction = budget_gib * 1024**3 / total
-    if fraction < 1:
-        torch.cuda.set_per_process_memory_fraction(fraction)
-        emit("memory_cap", budget_gib=budget_gib, fraction=round(fraction, 4))
 
 
 def train_and_evaluate(spec: dict, memory: PeakMemory, started: float) -> TrialResult:
