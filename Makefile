@@ -6,8 +6,11 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 EXTRAS ?= test
-# pytest-xdist processes: most tests wait on subprocesses (sweeps, trials), 2 keep 2 cores busy
+# pytest-xdist processes: most tests wait on subprocesses (sweeps, trials), 2 keep 2 cores
+# busy; each worker (and the trials it starts) gets its share of the cores as torch threads:
+# two workers' trials fighting over all cores made the demo test 3x slower
 TEST_WORKERS ?= 2
+TEST_THREADS := $(shell n=$$(( $$(nproc) / $(TEST_WORKERS) )); echo $$(( n > 0 ? n : 1 )))
 BIN := $(VENV)/bin
 
 .PHONY: install demo test test-fast lint gpu-test
@@ -29,10 +32,12 @@ demo: install
 	@echo "next: $(BIN)/python -m sweep report --study demo  (plots in storage/reports/demo/)"
 
 test: install
-	$(BIN)/python -m pytest -m "not gpu" -q --durations=15 -n $(TEST_WORKERS) --dist worksteal
+	OMP_NUM_THREADS=$(TEST_THREADS) $(BIN)/python -m pytest -m "not gpu" -q --durations=15 \
+	  -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not gpu and not integration" -q -n $(TEST_WORKERS) --dist worksteal
+	OMP_NUM_THREADS=$(TEST_THREADS) $(BIN)/python -m pytest -m "not gpu and not integration" -q \
+	  -n $(TEST_WORKERS) --dist worksteal
 
 lint:
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
