@@ -39,16 +39,16 @@ class LoRAFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         xb = x2.to(weight.dtype)
         bias = base.bias
-        y = (
-            torch.mm(xb, weight.t())
-            if bias is None
-            else torch.addmm(bias.to(xb.dtype), xb, weight.t())
-        )
-        y = y.to(x.dtype)  # as bitsandbytes does: the output in the input's dtype
+        if bias is None:
+            y = torch.mm(xb, weight.t())
+        else:
+            y = torch.addmm(bias.to(xb.dtype), xb, weight.t())
+        if getattr(base.weight, "quant_state", None) is not None:
+            y = y.to(x.dtype)  # as bitsandbytes does: the output in the input's dtype
         del weight
-        dtype = (
-            torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled() else lora_a.dtype
-        )
+        device = x.device.type  # the LoRA product in autocast's dtype, as PEFT's layer
+        autocast = torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else lora_a.dtype
         xl = x2.to(dtype)
         mask = None
         if p > 0:

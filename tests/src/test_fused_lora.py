@@ -74,3 +74,13 @@ def test_every_lora_layer_of_a_4bit_model_is_fused(tiny_model):
     keys = set(model.state_dict())
     assert fused_lora.fuse_lora(model) == 2 * 7  # 7 linear layers in each of 2 decoder layers
     assert set(model.state_dict()) == keys  # the adapter saves as before
+
+
+def test_under_autocast_the_lora_product_is_in_autocast_dtype_as_in_peft():
+    x = torch.randn(3, 7, 6)
+    want_model, got_model = _peft(False), _peft(False)
+    fused_lora.fuse_lora(got_model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = want_model(x), got_model(x)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
