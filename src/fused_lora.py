@@ -20,14 +20,18 @@ import types
 import torch
 
 
+def quantized(base: torch.nn.Module) -> bool:
+    """A bitsandbytes 4-bit weight (it carries its quantization state)."""
+    return getattr(base.weight, "quant_state", None) is not None
+
+
 def base_weight(base: torch.nn.Module) -> torch.Tensor:
     """The base layer's weight as a dense [out, in] tensor (dequantized when 4-bit)."""
-    quant_state = getattr(base.weight, "quant_state", None)
-    if quant_state is None:
+    if not quantized(base):
         return base.weight
     import bitsandbytes.functional as F
 
-    return F.dequantize_4bit(base.weight.data, quant_state)
+    return F.dequantize_4bit(base.weight.data, base.weight.quant_state)
 
 
 class LoRAFunction(torch.autograd.Function):
@@ -43,7 +47,7 @@ class LoRAFunction(torch.autograd.Function):
             y = torch.mm(xb, weight.t())
         else:
             y = torch.addmm(bias.to(xb.dtype), xb, weight.t())
-        if getattr(base.weight, "quant_state", None) is not None:
+        if quantized(base):
             y = y.to(x.dtype)  # as bitsandbytes does: the output in the input's dtype
         del weight
         device = x.device.type  # the LoRA product in autocast's dtype, as PEFT's layer

@@ -2,8 +2,8 @@
 
 `--trials-per-gpu auto` packs trials onto GPUs by their expected peak memory: the largest
 peak recorded by the study's trials of the same model and method, times a safety margin.
-A model not seen yet is expected to need the whole memory budget (each trial caps its own
-allocator to it) plus the CUDA context, so packing starts conservatively; it tightens as soon
+A model not seen yet is expected to need the whole memory budget (each trial caps itself to
+it) plus room for its CUDA context to grow, so packing starts conservatively; it tightens as soon
 as the first trials report their peak after a training step (progress events), and again
 when they finish. A trial that runs out of memory anyway resets its model's estimate.
 The sweep process never imports torch: card sizes come from NVML (nvidia-ml-py) or
@@ -24,7 +24,10 @@ from sweep.errors import ConfigError
 
 GIB = 1024**3
 MARGIN = 1.25  # expected peak = learned peak x this
-CONTEXT_GIB = 1.0  # what a trial holds outside its allocator (CUDA context, cuBLAS workspace)
+# room above the budget for a model not seen yet: a trial caps its allocator at the budget
+# minus the CUDA context it measured at the start, and the context grows after that
+# (kernels loaded lazily, cuBLAS workspaces)
+CONTEXT_GIB = 1.0
 
 
 @dataclasses.dataclass(eq=False)  # one object per running trial
