@@ -30,11 +30,13 @@ def liger_available() -> bool:
     )
 
 
-def fuse_kernels(model, kernels: str) -> list[str]:
+def fuse_kernels(model, kernels: str, compiled: bool = False) -> list[str]:
     """Swap in Liger's kernels on `model` (before PEFT wraps it); returns what was applied.
 
     `kernels`: "auto" (Liger where it runs, else nothing) or "none". An architecture Liger
-    does not know keeps its own modules.
+    does not know keeps its own modules. With `compiled` decoder layers only the fused linear
+    cross-entropy (outside the layers) is Liger's: torch.compile fuses the norms, SwiGLU and
+    RoPE itself, and fails to trace Liger's Triton kernels (docs/bench/README.md).
     """
     if kernels == "none" or not liger_available():
         return []
@@ -45,10 +47,11 @@ def fuse_kernels(model, kernels: str) -> list[str]:
 
     if model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         return []
+    layers = not compiled
     _apply_liger_kernel_to_instance(
-        model=model, rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True
+        model=model, rope=layers, rms_norm=layers, swiglu=layers, fused_linear_cross_entropy=True
     )
-    return ["rope", "rms_norm", "swiglu", "fused_linear_cross_entropy"]
+    return (["rope", "rms_norm", "swiglu"] if layers else []) + ["fused_linear_cross_entropy"]
 
 
 @contextlib.contextmanager
@@ -65,6 +68,17 @@ def restored_modeling_globals(model_type: str):
     finally:
         for name, value in saved.items():
             setattr(module, name, value)
+
+
+def attention_backends(cudnn: bool) -> None:
+    """Whether SDPA may pick cuDNN's attention kernel (CUDA). cuDNN builds an execution plan
+    for every new input shape, hundreds of milliseconds of host time each (pytorch/torchtune
+    #1652); a trial's batches (padding-free, or padded to the longest example) change shape
+    nearly every step, so each step paid one: 23 % of a 0.5B SST-2 trial's training time in
+    its forward passes, 8 % in its validation (py-spy, docs/bench/README.md). Flash and
+    memory-efficient attention have no per-shape set-up."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(cudnn)
 
 
 def freeze_for_lora(model, gradient_checkpointing: bool) -> None:
@@ -93,13 +107,25 @@ def decoder_layers(model) -> list:
 
 def compile_layers(model, enabled: bool) -> int:
     """Regional torch.compile: each decoder layer on its own (one compilation serves them all,
-    the layers being alike), CUDA only. Returns the number of layers compiled."""
-    if not enabled or not torch.cuda.is_available():
+    the layers being alike). Returns the number of layers compiled.
+
+    What it buys is launch overhead: a small model's step is bound by the host launching
+    thousands of small kernels (docs/bench/README.md); the compiled layer runs its forward,
+    recomputation and backward as a few fused kernels each. Checkpointing still applies
+    around each compiled layer (its recomputation replays the same dropout masks: the RNG
+    state is restored as for an eager layer; tests/src/test_speed.py checks the gradients)."""
+    if not enabled:
         return 0
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile()
     return len(layers)
+
+
+def decompile_layers(model) -> None:
+    """Back to the eager layers (for generation, whose growing KV cache would recompile)."""
+    for layer in decoder_layers(model):
+        layer._compiled_call_impl = None  # what nn.Module.compile set
 
 
 def checkpoint_share(model, fraction: float) -> int:

@@ -66,6 +66,7 @@ def is_out_of_memory(err: BaseException) -> bool:
 def train_and_evaluate(spec: dict, memory: PeakMemory, started: float) -> TrialResult:
     out_dir, train_cfg, params = Path(spec["out_dir"]), spec["train"], spec["params"]
     set_seed(train_cfg["seed"])
+    speed.attention_backends(train_cfg.get("cudnn_attention", False))
     model, tokenizer = setup(spec["model"], params, train_cfg, Path(spec["cache_dir"]))
     objective = OBJECTIVES[spec["task"]]
     data_dir = Path(spec["data_dir"]) if spec["data_dir"] else None
@@ -93,6 +94,7 @@ def train_and_evaluate(spec: dict, memory: PeakMemory, started: float) -> TrialR
         memory,
     )
     trainer.train()
+    speed.decompile_layers(model)
     emit("evaluating", examples=len(eval_rows))
     metrics = objective.evaluate(model, tokenizer, eval_rows, eval_settings(spec), out_dir)
     weights = out_dir / ("model" if params.get("method") == "full" else "adapter")
@@ -144,7 +146,8 @@ def setup(model_spec: dict, params: dict, train_cfg: dict, cache_dir: Path):
     dtype = train_cfg["compute_dtype"]
     checkpointing = train_cfg["gradient_checkpointing"]
     model, tokenizer, source = models.load_base(model_spec, dtype, cache_dir, method)
-    kernels = speed.fuse_kernels(model, train_cfg["kernels"])
+    compile_ = train_cfg["compile"] and torch.cuda.is_available()  # CUDA only: see speed.py
+    kernels = speed.fuse_kernels(model, train_cfg["kernels"], compiled=compile_)
     if method == "full":
         model.config.use_cache = False
         if checkpointing:
@@ -162,7 +165,7 @@ def setup(model_spec: dict, params: dict, train_cfg: dict, cache_dir: Path):
     recomputed = (
         speed.checkpoint_share(model, train_cfg["checkpoint_share"]) if checkpointing else 0
     )
-    compiled = speed.compile_layers(model, train_cfg["compile"])
+    compiled = speed.compile_layers(model, compile_)
     emit(
         "model",
         source=source,

@@ -69,6 +69,7 @@ class Train:
     packing: bool = True  # padding-free batches of variable-length examples
     compile: bool = False  # torch.compile each decoder layer (CUDA only)
     fused_lora: bool = True  # each LoRA layer as one autograd node (src/fused_lora.py)
+    cudnn_attention: bool = False  # cuDNN's SDPA kernel: a plan per new shape (src/speed.py)
     target_modules: str = "all-linear"  # PEFT: every linear layer except the output head
     compute_dtype: str = "auto"  # bfloat16 on CUDA, float32 on the CPU (bf16 matmul is slow there)
     system_prompt: str | None = None  # None keeps the chat template's default system prompt
