@@ -168,6 +168,9 @@ def measure(
     r, source, out = bench["rank"], bench["model_dir"], Path(bench["work_dir"])
     alpha, dropout, steps = 2 * r, bench["dropout"], bench["warmup"] + bench["steps"]
     started = time.perf_counter()
+    # attention kernels as each recipe gets them: torch's default (cuDNN allowed) for plain,
+    # the trial's setting for the trial path (its own process sets it in train_qlora)
+    speed.attention_backends((train_cfg or {}).get("cudnn_attention", True))
     if recipe.startswith("plain"):
         model = plain_model(source, r, alpha, dropout)
         tokenizer = models.load_tokenizer(source)

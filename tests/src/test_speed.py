@@ -174,3 +174,16 @@ def test_compiled_checkpointed_layers_give_the_eager_gradients(tiny_model, tmp_p
 
     speed.decompile_layers(compiled)
     assert all(layer._compiled_call_impl is None for layer in speed.decoder_layers(compiled))
+
+
+def test_trials_keep_attention_off_cudnn(monkeypatch):
+    """cuDNN's SDPA builds a plan per new batch shape; a trial turns it off (on CUDA)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    try:
+        speed.attention_backends(False)
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        speed.attention_backends(True)
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)  # torch's default
+    assert not Train().cudnn_attention  # the trial's default
