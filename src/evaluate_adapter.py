@@ -13,13 +13,14 @@ import json
 from pathlib import Path
 
 from objectives import OBJECTIVES
-from src import models
+from src import models, speed
 from src.data import eval_rows
 from src.train_qlora import eval_settings
 
 
 def evaluate(trial_dir: Path, max_examples: int) -> dict:
     spec = json.loads((trial_dir / "spec.json").read_text())
+    speed.attention_backends(spec["train"].get("cudnn_attention", False))  # as in its trial
     model, tokenizer = models.load_trained(trial_dir, spec)
     rows = eval_rows(spec, max_examples)
     out_dir = trial_dir / "reevaluated"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from src import models
+from src import models, speed
 from src.data import eval_rows
 from src.generation import generate
 
@@ -46,6 +46,7 @@ def main(request_path: Path, out_path: Path) -> None:
     request = json.loads(request_path.read_text())
     trials = request["trials"]
     first = json.loads((Path(trials[0]["dir"]) / "spec.json").read_text())
+    speed.attention_backends(first["train"].get("cudnn_attention", False))  # as in the trials
     rows = eval_rows(first, request["n"])[: request["n"]]
     table = {"prompts": [r["messages"][-1]["content"] for r in rows], "reference": [], "base": {}}
     table["reference"] = [_reference(r) for r in rows]

@@ -18,12 +18,12 @@ if [ "$serial" -gt 0 ]; then
     2>&1 | grep -E "^trial [0-9]+ (complete|fail|pruned)|rror"
 fi
 t1=$SECONDS
-# a study name per GPU list: a copy of the config beside it (same storage) with the study renamed
 if [ -n "${MPS:-}" ]; then  # a private MPS daemon: the trial processes inherit these variables
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
   mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
   nvidia-cuda-mps-control -d && echo "MPS daemon started" || echo "MPS: could not start"
 fi
+# a study name per GPU list: a copy of the config beside it (same storage) with the study renamed
 copy=tests/gpu/pack-$tag.toml
 sed "s/^\[studies.gpu-pack\]/[studies.gpu-pack-$tag]/" $cfg > $copy
 python3 -m sweep run --study gpu-pack-$tag --config $copy --set "$data" --gpus $gpus --trials-per-gpu auto \
