@@ -187,6 +187,7 @@ def measure(
     recorded, kind, nvml = memory.read()
     micro = (train_cfg or {}).get("micro_batch") or bench["batch"]  # after the memory figures
     profiled = profile(model, check_batch.repeat(micro, 1)) if bench.get("profile") else None
+    speed.decompile_layers(model)  # frees CUDA graphs, or the next recipe would count them
     median = statistics.median(timer.times[bench["warmup"] :])
     tokens = bench["batch"] * bench["seq"]
     row = {

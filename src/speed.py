@@ -20,6 +20,8 @@ import importlib.util
 import torch
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
+from src.data import IGNORE
+
 
 def liger_available() -> bool:
     """Liger's kernels are Triton kernels: CUDA and an importable triton + liger_kernel."""
@@ -123,8 +125,12 @@ def compile_layers(model, enabled: bool) -> int:
 
 
 def decompile_layers(model) -> None:
-    """Back to the eager layers (for generation, whose growing KV cache would recompile)."""
+    """Back to the eager layers (for generation, whose growing KV cache would recompile):
+    compiled ones, or graphed ones (src/cuda_graphs.py, which get their checkpointing back
+    and free their graphs)."""
     for layer in decoder_layers(model):
+        if hasattr(layer._compiled_call_impl, "uninstall"):
+            layer._compiled_call_impl.uninstall()
         layer._compiled_call_impl = None  # what nn.Module.compile set
 
 
@@ -141,19 +147,52 @@ def checkpoint_share(model, fraction: float) -> int:
 class PaddingFree:
     """Concatenate a batch of variable-length examples into one row with restarting position
     ids; a batch of equal lengths is stacked as is. Written here because transformers offers
-    either collator but not the choice per batch (the causal kernel needs no mask)."""
+    either collator but not the choice per batch (the causal kernel needs no mask).
 
-    def __init__(self, tokenizer):
+    `bucket`: pad each batch on the right to one of a few lengths (`bucket_length`), for CUDA
+    graphs, which replay fixed shapes. Causal attention keeps the real tokens from seeing the
+    padding, whose labels are ignored; `padding` counts the tokens added."""
+
+    def __init__(self, tokenizer, bucket: bool = False):
         self.flat = DataCollatorWithFlattening(return_position_ids=True)
         self.padded = DataCollatorForSeq2Seq(tokenizer, padding=True)
+        self.bucket = bucket
+        self.pad_id = tokenizer.pad_token_id or 0
+        self.padding = 0
 
     def __call__(self, features: list[dict]) -> dict:
         if len({len(f["input_ids"]) for f in features}) == 1:
-            return self.padded(features)  # equal lengths: nothing to pad
-        return self.flat([{k: f[k] for k in ("input_ids", "labels")} for f in features])
+            batch = self.padded(features)  # equal lengths: nothing to pad
+            if self.bucket:
+                batch.pop("attention_mask", None)  # all ones: the causal kernel needs none
+        else:
+            batch = self.flat([{k: f[k] for k in ("input_ids", "labels")} for f in features])
+        return self._to_bucket(batch) if self.bucket else batch
+
+    def _to_bucket(self, batch: dict) -> dict:
+        rows, n = batch["input_ids"].shape
+        extra = bucket_length(n) - n
+        if extra == 0:
+            return batch
+        fill = {"input_ids": self.pad_id, "labels": IGNORE}
+        for name, tensor in batch.items():
+            if name == "position_ids":  # the padding as one more sequence of its own
+                tail = torch.arange(extra, dtype=tensor.dtype).expand(rows, extra)
+            else:
+                tail = torch.full((rows, extra), fill.get(name, 0), dtype=tensor.dtype)
+            batch[name] = torch.cat([tensor, tail], dim=1)
+        self.padding += rows * extra
+        return batch
 
 
-def collator(tokenizer, packing: bool, cuda: bool):
+def bucket_length(n: int) -> int:
+    """`n` rounded up to a multiple of an eighth of its power of two (at least 64): at most
+    12.5 % padding, and a few lengths per doubling, so CUDA graphs get reused."""
+    step = max(64, (1 << (n.bit_length() - 1)) // 8)
+    return -(-n // step) * step
+
+
+def collator(tokenizer, packing: bool, cuda: bool, bucket: bool = False):
     if packing:
-        return PaddingFree(tokenizer)
+        return PaddingFree(tokenizer, bucket)
     return DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8 if cuda else None)

@@ -18,7 +18,7 @@ import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
 from objectives import OBJECTIVES
-from src import fused_lora, models, speed
+from src import cuda_graphs, fused_lora, models, speed
 from src.data import to_dataset
 from src.memory import PeakMemory
 from src.memory import cap as memory_cap
@@ -103,7 +103,8 @@ def train_and_evaluate(spec: dict, memory: PeakMemory, started: float) -> TrialR
 
     peak, kind, nvml = memory.read()
     trainable, total = models.count_params(model)
-    tokens = int(trainer.state.num_input_tokens_seen)
+    # real tokens: without the padding that gives CUDA graphs fixed shapes
+    tokens = int(trainer.state.num_input_tokens_seen) - getattr(trainer.data_collator, "padding", 0)
     val_losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     result = TrialResult(
         status=Status.SUCCESS,
@@ -166,6 +167,9 @@ def setup(model_spec: dict, params: dict, train_cfg: dict, cache_dir: Path):
         speed.checkpoint_share(model, train_cfg["checkpoint_share"]) if checkpointing else 0
     )
     compiled = speed.compile_layers(model, compile_)
+    graphed = (
+        cuda_graphs.install(speed.decoder_layers(model), graphs=True) if graphs_on(train_cfg) else 0
+    )
     emit(
         "model",
         source=source,
@@ -175,8 +179,18 @@ def setup(model_spec: dict, params: dict, train_cfg: dict, cache_dir: Path):
         fused_lora_layers=fused,
         checkpointed_layers=recomputed,
         compiled_layers=compiled,
+        graphed_layers=graphed,
     )
     return model, tokenizer
+
+
+def graphs_on(train_cfg: dict) -> bool:
+    """CUDA graphs over the checkpointed layers: asked for, on CUDA, with checkpointing."""
+    return bool(
+        train_cfg.get("cuda_graphs")
+        and train_cfg["gradient_checkpointing"]
+        and torch.cuda.is_available()
+    )
 
 
 def build_trainer(
@@ -225,7 +239,7 @@ def build_trainer(
         args=args,
         train_dataset=train_set,
         eval_dataset=val_set,
-        data_collator=speed.collator(tokenizer, train_cfg["packing"], cuda),
+        data_collator=speed.collator(tokenizer, train_cfg["packing"], cuda, graphs_on(train_cfg)),
         callbacks=[progress],
     )
     return trainer, progress

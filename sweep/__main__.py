@@ -9,7 +9,7 @@ from pathlib import Path
 
 import optuna
 
-from sweep import checks, config, placement, status, study
+from sweep import checks, config, mps, placement, status, study
 from sweep.errors import ConfigError
 
 
@@ -35,6 +35,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         gpus,
         per_gpu,
         args.jobs,
+        args.mps,
     )
 
 
@@ -223,6 +224,13 @@ def _run_args(p: argparse.ArgumentParser) -> None:
         help="trials sharing a GPU: a number, or auto (packed by their learned peak memory)",
     )
     p.add_argument("--jobs", type=int, default=1, help="trials at once on the CPU (default 1)")
+    p.add_argument(
+        "--mps",
+        choices=mps.MODES,
+        default="auto",
+        help="trials sharing a GPU run through a CUDA MPS daemon of the sweep (auto: where "
+        "nvidia-cuda-mps-control is installed and none runs yet; off: time-sliced)",
+    )
     p.add_argument(
         "--set",
         action="append",

@@ -68,6 +68,7 @@ class Train:
     kernels: str = "auto"  # Liger's fused kernels where they run (CUDA + Triton), or "none"
     packing: bool = True  # padding-free batches of variable-length examples
     compile: bool = False  # torch.compile each decoder layer (CUDA only)
+    cuda_graphs: bool = True  # checkpointed layers replayed as CUDA graphs (src/cuda_graphs.py)
     fused_lora: bool = True  # each LoRA layer as one autograd node (src/fused_lora.py)
     cudnn_attention: bool = False  # cuDNN's SDPA kernel: a plan per new shape (src/speed.py)
     target_modules: str = "all-linear"  # PEFT: every linear layer except the output head
@@ -427,6 +428,11 @@ def _check_values(study: Study, key: str) -> None:
         )
     if not 0 <= train.checkpoint_share <= 1:
         raise ConfigError("must lie in [0, 1]", f"{key}.train.checkpoint_share")
+    if train.compile and train.cuda_graphs:
+        raise ConfigError(
+            "compile and cuda_graphs exclude each other (both replace the decoder layers' call)",
+            f"{key}.train.cuda_graphs",
+        )
     if train.kernels not in KERNELS:
         raise unknown("kernels", train.kernels, KERNELS, f"{key}.train.kernels")
     if train.compute_dtype not in ("auto", "bfloat16", "float16", "float32"):

@@ -36,10 +36,14 @@ class Slot:
     estimate_gib: float  # what it is expected to hold at its peak; lowered by observe()
     key: tuple[str, str]  # (model, method)
     threads: int | None = None  # CPU threads per trial when several share the host
+    extra: dict[str, str] = dataclasses.field(default_factory=dict)  # e.g. the MPS daemon's
 
     def env(self) -> dict[str, str]:
-        """Environment of the trial process: its GPU, and its share of the CPU cores."""
-        env = {} if self.gpu is None else {"CUDA_VISIBLE_DEVICES": str(self.gpu)}
+        """Environment of the trial process: its GPU, its share of the CPU cores, and what
+        the sweep adds (sweep/mps.py)."""
+        env = dict(self.extra)
+        if self.gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(self.gpu)
         if self.threads:
             env["OMP_NUM_THREADS"] = str(self.threads)
         return env
@@ -98,6 +102,11 @@ class Placement:
             self.room[gpu] = total - used  # what other processes already hold stays theirs
         self.limit = self._limit(cores)
         self.threads = max(1, cores // self.limit) if self.limit > 1 else None
+        self.extra_env: dict[str, str] = {}  # given to every trial process
+
+    def packs_gpus(self) -> bool:
+        """More trials at once than GPUs: some share a card."""
+        return bool(self.gpus) and self.limit > len(self.gpus)
 
     def _limit(self, cores: int) -> int:
         if not self.gpus:
@@ -122,13 +131,13 @@ class Placement:
             if len(self.running) >= self.limit:
                 return None
             if not self.gpus:
-                slot = Slot(None, 0.0, key, self.threads)
+                slot = Slot(None, 0.0, key, self.threads, self.extra_env)
             else:
                 gpu = self._pick(key)
                 if gpu is None:
                     return None
                 slot = Slot(gpu, self.estimate(key) if self.per_gpu is None else 0.0, key,
-                            self.threads)  # fmt: skip
+                            self.threads, self.extra_env)  # fmt: skip
             self.running.append(slot)
             return slot
 

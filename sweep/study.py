@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from objectives import OBJECTIVES
-from sweep import checks, trial_process
+from sweep import checks, mps, trial_process
 from sweep.config import Config, Study
 from sweep.errors import ConfigError
 from sweep.placement import Placement, learned_peaks
@@ -44,6 +44,7 @@ def run(
     gpus: list[int] | None = None,
     per_gpu: int | None = 1,  # None: auto, by learned peak memory
     jobs: int = 1,
+    mps_mode: str = "auto",
 ) -> None:
     checks.before_run(cfg, study_cfg, storage_url)  # bad input fails here, before any write
     objective = OBJECTIVES[study_cfg.task]
@@ -77,6 +78,11 @@ def run(
     if placement.limit > 1:
         console.print(f"up to {placement.limit} trials at once" + (
             f" on GPUs {','.join(map(str, gpus))}" if gpus else ""))  # fmt: skip
+    daemon = None
+    if placement.packs_gpus():
+        daemon, line = mps.start(mps_mode)
+        console.print(line)
+        placement.extra_env = daemon.env if daemon else {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, trial_process.on_signal)
     workers = Workers()
@@ -86,6 +92,8 @@ def run(
     finally:
         workers.join()  # an interrupt stops every trial process; each trial is stored
         trial_process.SPARES.close()
+        if daemon:
+            daemon.stop()  # after its clients, the trial processes, are gone
     workers.raise_first()
     if trial_process.INTERRUPT.is_set():
         tracker.close("KILLED")

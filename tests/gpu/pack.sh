@@ -3,11 +3,13 @@
 # packed onto the card(s) by measured peak memory.
 #   bash tests/gpu/pack.sh OUT_DIR [SERIAL_TRIALS] [PACKED_TRIALS] [GPUS]
 # SERIAL_TRIALS 0 skips the one-at-a-time run; GPUS like 0 or 0,1 (default 0). Each run gets a
-# study of its own (name suffixed with the GPU list), so runs never mix. MPS=1: the packed run
-# goes through a CUDA MPS daemon of its own (started and stopped here; study suffixed -mps).
+# study of its own (name suffixed with the GPU list), so runs never mix. The packed run goes
+# through the sweep's own CUDA MPS daemon (sweep/mps.py); MPS=off: time-sliced instead (study
+# suffixed -timesliced).
 set -u
 out=${1:?OUT_DIR}/pack; serial=${2:-2}; packed=${3:-16}; gpus=${4:-0}; mkdir -p "$out"
-cfg=tests/gpu/sweep-gpu.toml; data="data.dir=$PWD/data/gpu-sample"; tag=${gpus//,/-}${MPS:+-mps}
+cfg=tests/gpu/sweep-gpu.toml; data="data.dir=$PWD/data/gpu-sample"; tag=${gpus//,/-}; mps=auto
+[ "${MPS:-auto}" = off ] && { tag=$tag-timesliced; mps=off; }
 python3 -m src.random_qwen --shape 0.5B --tokenizer data/gpu-tokenizer \
   --out /tmp/qwen2.5-0.5b-random >/dev/null || exit 1
 nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 1000 \
@@ -18,18 +20,12 @@ if [ "$serial" -gt 0 ]; then
     2>&1 | grep -E "^trial [0-9]+ (complete|fail|pruned)|rror"
 fi
 t1=$SECONDS
-if [ -n "${MPS:-}" ]; then  # a private MPS daemon: the trial processes inherit these variables
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
-  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
-  nvidia-cuda-mps-control -d && echo "MPS daemon started" || echo "MPS: could not start"
-fi
 # a study name per GPU list: a copy of the config beside it (same storage) with the study renamed
 copy=tests/gpu/pack-$tag.toml
 sed "s/^\[studies.gpu-pack\]/[studies.gpu-pack-$tag]/" $cfg > $copy
 python3 -m sweep run --study gpu-pack-$tag --config $copy --set "$data" --gpus $gpus --trials-per-gpu auto \
-  --n-trials $packed 2>&1 | grep -E "up to|^trial [0-9]+ (complete|fail|pruned)|rror"
+  --mps $mps --n-trials $packed 2>&1 | grep -E "up to|MPS|^trial [0-9]+ (complete|fail|pruned)|rror"
 t2=$SECONDS
-[ -n "${MPS:-}" ] && { echo quit | nvidia-cuda-mps-control; }
 kill $smi
 python3 -m sweep status --study gpu-pack-$tag --config $copy | tail -4
 studies="gpu-pack-$tag"; [ "$serial" -gt 0 ] && studies="gpu-pack-serial $studies"

@@ -81,6 +81,11 @@ def test_data_dir_from_environment(monkeypatch, tmp_path: Path):
             "[studies.x]\ntask='sst2'\nmodels=['m']\nn_trials=1\ntrain={max_step=3}",
             "did you mean 'max_steps'",
         ),
+        (
+            "[studies.x]\ntask='sst2'\nmodels=['m']\nn_trials=1\n"
+            "train={compile=true, cuda_graphs=true}",
+            "studies.x.train.cuda_graphs: compile and cuda_graphs exclude each other",
+        ),
         ("[models.y]\nid='a'\npath='b'", "models.y: give exactly one of id, path, package"),
         ("[studies.x\n", "not valid TOML"),
     ],

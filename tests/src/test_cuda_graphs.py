@@ -1,0 +1,82 @@
+"""The hand-written checkpoint that CUDA graphs replay (src/cuda_graphs.py), on the CPU: the
+same checkpoint runs there eagerly. The graphs themselves are checked on the GPU
+(tests/gpu/test_gpu_trial.py and the bench's gradient comparison)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from src import cuda_graphs, models, speed
+from tests.src.test_speed import _examples, _trial
+
+
+def _loss_and_grads(model, batch) -> tuple[float, list]:
+    model.train()
+    torch.manual_seed(5)  # the same dropout masks in the same order
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.item(), [p.grad for p in model.parameters() if p.requires_grad]
+
+
+def _random_b(model) -> None:
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # B random too, or A's gradient would be zero
+            torch.nn.init.normal_(param, generator=torch.Generator().manual_seed(4))
+
+
+def test_checkpoint_replays_dropout_and_gives_the_eager_gradients(tiny_model, tmp_path):
+    """Layers through `cuda_graphs.Checkpoint` (eager runner), dropout 0.3: the same loss and
+    LoRA gradients as layers that keep their activations, so the recomputation drew the
+    forward's masks; and no layer keeps torch's own checkpointing besides."""
+    ids = torch.randint(100, 1000, (2, 16), generator=torch.Generator().manual_seed(3))
+    batch = {"input_ids": ids, "labels": ids}
+    results = []
+    for ours in (False, True):
+        torch.manual_seed(0)  # the same LoRA A
+        model = _trial(tiny_model, tmp_path, dropout=0.3, gradient_checkpointing=ours)
+        _random_b(model)
+        layers = speed.decoder_layers(model)
+        assert cuda_graphs.install(layers, graphs=False) == (2 if ours else 0)
+        assert not any(layer.gradient_checkpointing for layer in layers)
+        results.append(_loss_and_grads(model, batch))
+    (want_loss, want), (got_loss, got) = results
+    assert got_loss == pytest.approx(want_loss, rel=1e-6)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+    model.eval()
+    with torch.no_grad():  # evaluation runs the layers as they are
+        installed = model(**batch).loss
+        speed.decompile_layers(model)
+        assert all(layer._compiled_call_impl is None for layer in layers)
+        assert all(layer.gradient_checkpointing for layer in layers)  # torch's, as before
+        assert model(**batch).loss.item() == installed.item()
+
+
+@pytest.mark.parametrize(
+    ("n", "bucket"), [(1, 64), (64, 64), (65, 128), (700, 704), (1000, 1024), (4097, 4608)]
+)
+def test_bucket_lengths(n, bucket):
+    assert speed.bucket_length(n) == bucket
+    assert bucket - n <= max(63, n // 8)
+
+
+def test_bucketed_batch_gives_the_same_loss_and_gradients(tiny_model, tmp_path):
+    """Padding a padding-free row (and a stacked one) to its bucket changes nothing the loss
+    or the gradients see, and the collator counts the padding it added."""
+    model = _trial(tiny_model, tmp_path)
+    _random_b(model)
+    tokenizer = models.load_tokenizer(str(tiny_model))
+    cases = (([7, 19, 12], (1, 38), (1, 64)), ([9, 9], (2, 9), (2, 64)))
+    for lengths, shape, padded_shape in cases:
+        plain = speed.collator(tokenizer, packing=True, cuda=False)(_examples(lengths))
+        bucketed = speed.collator(tokenizer, packing=True, cuda=False, bucket=True)
+        batch = bucketed(_examples(lengths))
+        assert plain["input_ids"].shape == shape and batch["input_ids"].shape == padded_shape
+        assert bucketed.padding == (padded_shape[1] - shape[1]) * shape[0]
+        assert "attention_mask" not in batch
+        (loss_a, grads_a), (loss_b, grads_b) = (_loss_and_grads(model, b) for b in (plain, batch))
+        model.zero_grad()
+        assert loss_b == pytest.approx(loss_a, rel=1e-5)
+        for a, b in zip(grads_a, grads_b, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
