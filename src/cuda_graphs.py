@@ -13,9 +13,11 @@ generator is set back to its state at the forward before the backward replays (a
 graph draws its random numbers from the generator's offset at replay).
 
 Shapes must repeat for graphs to pay: `speed.PaddingFree(bucket=True)` pads each batch to one
-of a few lengths. A shape first seen is captured (after two eager warm-up runs on a side
-stream); past `MAX_SHAPES` per layer, or for an input it cannot key, the layer runs the same
-checkpoint eagerly. Evaluation (no gradients) always runs the layers eagerly.
+of a few lengths. A shape first seen is captured (the first layer to see it runs twice
+eagerly on a side stream first, so lazy initialisation happens outside a capture); past
+`MAX_SHAPES` per layer, or for an input it cannot key, the layer runs the same checkpoint
+eagerly. Evaluation (no gradients) always runs the layers eagerly. Adapters only: with full
+fine-tuning each graph would hold a copy of its layer's weight gradients (src/train_qlora.py).
 """
 
 from __future__ import annotations
@@ -209,6 +211,8 @@ class GraphedLayer:
         if not (args and layer.training and torch.is_grad_enabled()):
             return layer._call_impl(*args, **kwargs)
         hidden = args[0]
+        if not (self.params or hidden.requires_grad):  # no gradient through it: no checkpoint
+            return layer._call_impl(*args, **kwargs)
         leaves, spec = tree_flatten((args[1:], kwargs))
         sources = [x for x in leaves if isinstance(x, torch.Tensor)]
         autocast = (
@@ -288,3 +292,11 @@ def install(layers: list, graphs: bool) -> int:
         layer._compiled_call_impl = GraphedLayer(layer, shared)
         count += 1
     return count
+
+
+def installed(model) -> bool:
+    """Whether any layer of `model` runs through `GraphedLayer` on CUDA graphs."""
+    return any(
+        isinstance(m._compiled_call_impl, GraphedLayer) and m._compiled_call_impl.shared
+        for m in model.modules()
+    )

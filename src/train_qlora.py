@@ -168,7 +168,9 @@ def setup(model_spec: dict, params: dict, train_cfg: dict, cache_dir: Path):
     )
     compiled = speed.compile_layers(model, compile_)
     graphed = (
-        cuda_graphs.install(speed.decoder_layers(model), graphs=True) if graphs_on(train_cfg) else 0
+        cuda_graphs.install(speed.decoder_layers(model), graphs=True)
+        if graphs_on(train_cfg, method)
+        else 0
     )
     emit(
         "model",
@@ -184,11 +186,14 @@ def setup(model_spec: dict, params: dict, train_cfg: dict, cache_dir: Path):
     return model, tokenizer
 
 
-def graphs_on(train_cfg: dict) -> bool:
-    """CUDA graphs over the checkpointed layers: asked for, on CUDA, with checkpointing."""
+def graphs_on(train_cfg: dict, method: str) -> bool:
+    """CUDA graphs over the checkpointed layers: asked for, on CUDA, with checkpointing, for
+    adapters. Full fine-tuning keeps eager layers: each graph holds static gradients of every
+    weight of its layer, a second copy of the model's gradients per batch shape."""
     return bool(
         train_cfg.get("cuda_graphs")
         and train_cfg["gradient_checkpointing"]
+        and method != "full"
         and torch.cuda.is_available()
     )
 
@@ -239,7 +244,10 @@ def build_trainer(
         args=args,
         train_dataset=train_set,
         eval_dataset=val_set,
-        data_collator=speed.collator(tokenizer, train_cfg["packing"], cuda, graphs_on(train_cfg)),
+        # graphs replay fixed shapes: batches padded to a few lengths
+        data_collator=speed.collator(
+            tokenizer, train_cfg["packing"], cuda, cuda_graphs.installed(model)
+        ),
         callbacks=[progress],
     )
     return trainer, progress

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from src import cuda_graphs, models, speed
+from src import cuda_graphs, models, speed, train_qlora
 from tests.src.test_speed import _examples, _trial
 
 
@@ -80,3 +80,22 @@ def test_bucketed_batch_gives_the_same_loss_and_gradients(tiny_model, tmp_path):
         assert loss_b == pytest.approx(loss_a, rel=1e-5)
         for a, b in zip(grads_a, grads_b, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_graphs_only_for_adapters_with_checkpointing_on_cuda(monkeypatch):
+    """Full fine-tuning would hold a second copy of every weight's gradient per batch shape."""
+    cfg = {"cuda_graphs": True, "gradient_checkpointing": True}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert train_qlora.graphs_on(cfg, "qlora") and train_qlora.graphs_on(cfg, "lora")
+    assert not train_qlora.graphs_on(cfg, "full")
+    assert not train_qlora.graphs_on({**cfg, "gradient_checkpointing": False}, "qlora")
+    assert not train_qlora.graphs_on({**cfg, "cuda_graphs": False}, "qlora")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not train_qlora.graphs_on(cfg, "qlora")
+
+
+def test_a_cpu_trial_has_no_graphs_and_no_bucketed_batches(tiny_model, tmp_path):
+    model = _trial(tiny_model, tmp_path)
+    assert not cuda_graphs.installed(model)
+    assert cuda_graphs.install(speed.decoder_layers(model), graphs=False) == 2
+    assert not cuda_graphs.installed(model)  # the eager checkpoint only
