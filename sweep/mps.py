@@ -4,7 +4,7 @@ Without it the GPU time-slices between the trial processes' contexts: one proces
 at a time. A small trial launches short kernels, so most of each slice is idle; through an
 MPS server the kernels of all the trials on a card run side by side. Measured on the H200
 (docs/bench/README.md, issue 7): 32 packed 0.5B SST-2 trials, 16 at once, 755 trials/h
-without MPS, 1,085 with; a packed trial trained in 11.8 s instead of 31.7 s.
+without MPS, 1,085-1,309 with; a packed trial trained in 11.7 s instead of 31.7 s.
 
 The sweep starts a daemon of its own (its pipe and log folders in a fresh temporary folder,
 so it never touches a system-wide one) and stops it when the sweep ends. Nothing is started
