@@ -79,15 +79,19 @@ class Eager:
         return self.run(hidden)
 
     def backward(self, hidden, grad):
-        with torch.enable_grad(), _autocast(hidden.device, self.autocast):
-            x = hidden.detach().requires_grad_()
-            out = self.run(x)
-            grads = torch.autograd.grad(out, [x, *self.params], grad, allow_unused=True)
-        return grads[0], _zeros_for_none(grads[1:], self.params)
+        x = hidden.detach().requires_grad_()
+        return _recompute_grads(self.run, x, self.params, grad, self.autocast)
 
 
-def _zeros_for_none(grads, params) -> list:
-    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]
+def _recompute_grads(run, x, params, grad, autocast) -> tuple:
+    """Run the layer again on the leaf `x` under the forward's autocast and return the
+    gradients of `x` and of `params` (zeros for a parameter the output does not reach)."""
+    with torch.enable_grad(), _autocast(x.device, autocast):
+        grads = torch.autograd.grad(run(x), [x, *params], grad, allow_unused=True)
+    zeros = [
+        torch.zeros_like(p) if g is None else g for g, p in zip(grads[1:], params, strict=True)
+    ]
+    return grads[0], zeros
 
 
 def _autocast(device: torch.device, autocast: torch.dtype | None):
@@ -104,14 +108,14 @@ class Graphs:
     each output is copied out at once); only the LoRA gradients are the layer's own."""
 
     def __init__(self, run, params, autocast, statics: Statics, shared: GraphSet, warm: bool):
-        self.params, self.statics = params, statics
+        self.statics = statics
         device = statics.hidden.device
         if not warm:  # lazy initialisation (cuBLAS, Triton) outside captures, once per shape
             side = shared.side_stream
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self._backward(run, autocast)
+                    _recompute_grads(run, statics.hidden, params, statics.grad_out, autocast)
             torch.cuda.current_stream(device).wait_stream(side)
         self.forward_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(
@@ -123,17 +127,10 @@ class Graphs:
         with torch.cuda.graph(
             self.backward_graph, pool=shared.pool, capture_error_mode="thread_local"
         ):
-            grad_in, self.grad_params = self._backward(run, autocast)
-            statics.grad_in.copy_(grad_in)
-
-    def _backward(self, run, autocast):
-        statics = self.statics
-        with torch.enable_grad(), _autocast(statics.hidden.device, autocast):
-            out = run(statics.hidden)
-            grads = torch.autograd.grad(
-                out, [statics.hidden, *self.params], statics.grad_out, allow_unused=True
+            grad_in, self.grad_params = _recompute_grads(
+                run, statics.hidden, params, statics.grad_out, autocast
             )
-        return grads[0], _zeros_for_none(grads[1:], self.params)
+            statics.grad_in.copy_(grad_in)
 
 
 class Replay:

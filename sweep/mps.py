@@ -32,13 +32,12 @@ MODES = ("auto", "off")
 class Daemon:
     env: dict[str, str]  # what trial processes need to reach it
     root: Path
+    control: str  # the control program that started it
 
     def stop(self) -> None:
         """Quit the daemon (it waits for its clients: stop the trials first)."""
-        control = shutil.which(CONTROL)
-        if control:
-            subprocess.run([control], input="quit\n", env={**os.environ, **self.env},
-                           capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+        subprocess.run([self.control], input="quit\n", env={**os.environ, **self.env},
+                       capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -65,4 +64,5 @@ def start(mode: str) -> tuple[Daemon | None, str]:
         shutil.rmtree(root, ignore_errors=True)
         reason = error[:200] or "no reason given"
         return None, f"CUDA MPS could not start ({reason}): packed trials time-slice each GPU"
-    return Daemon(env, root), "CUDA MPS: packed trials share each GPU (a daemon of this sweep)"
+    daemon = Daemon(env, root, control)
+    return daemon, "CUDA MPS: packed trials share each GPU (a daemon of this sweep)"

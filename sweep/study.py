@@ -82,7 +82,8 @@ def run(
     if placement.packs_gpus():
         daemon, line = mps.start(mps_mode)
         console.print(line)
-        placement.extra_env = daemon.env if daemon else {}
+        if daemon:
+            placement.extra_env = daemon.env
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, trial_process.on_signal)
     workers = Workers()

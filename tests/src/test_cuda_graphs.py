@@ -1,6 +1,6 @@
 """The hand-written checkpoint that CUDA graphs replay (src/cuda_graphs.py), on the CPU: the
 same checkpoint runs there eagerly. The graphs themselves are checked on the GPU
-(tests/gpu/test_gpu_trial.py and the bench's gradient comparison)."""
+(tests/gpu/test_cuda_graphs.py and the bench's gradient comparison)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from src import cuda_graphs, models, speed, train_qlora
-from tests.src.test_speed import _examples, _trial
+from tests.src.test_speed import _examples, _trial, random_b
 
 
 def _loss_and_grads(model, batch) -> tuple[float, list]:
@@ -17,12 +17,6 @@ def _loss_and_grads(model, batch) -> tuple[float, list]:
     loss = model(**batch).loss
     loss.backward()
     return loss.item(), [p.grad for p in model.parameters() if p.requires_grad]
-
-
-def _random_b(model) -> None:
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # B random too, or A's gradient would be zero
-            torch.nn.init.normal_(param, generator=torch.Generator().manual_seed(4))
 
 
 def test_checkpoint_replays_dropout_and_gives_the_eager_gradients(tiny_model, tmp_path):
@@ -35,7 +29,7 @@ def test_checkpoint_replays_dropout_and_gives_the_eager_gradients(tiny_model, tm
     for ours in (False, True):
         torch.manual_seed(0)  # the same LoRA A
         model = _trial(tiny_model, tmp_path, dropout=0.3, gradient_checkpointing=ours)
-        _random_b(model)
+        random_b(model)
         layers = speed.decoder_layers(model)
         assert cuda_graphs.install(layers, graphs=False) == (2 if ours else 0)
         assert not any(layer.gradient_checkpointing for layer in layers)
@@ -65,7 +59,7 @@ def test_bucketed_batch_gives_the_same_loss_and_gradients(tiny_model, tmp_path):
     """Padding a padding-free row (and a stacked one) to its bucket changes nothing the loss
     or the gradients see, and the collator counts the padding it added."""
     model = _trial(tiny_model, tmp_path)
-    _random_b(model)
+    random_b(model)
     tokenizer = models.load_tokenizer(str(tiny_model))
     cases = (([7, 19, 12], (1, 38), (1, 64)), ([9, 9], (2, 9), (2, 64)))
     for lengths, shape, padded_shape in cases:
@@ -94,7 +88,7 @@ def test_graphs_only_for_adapters_with_checkpointing_on_cuda(monkeypatch):
     assert not train_qlora.graphs_on(cfg, "qlora")
 
 
-def test_a_cpu_trial_has_no_graphs_and_no_bucketed_batches(tiny_model, tmp_path):
+def test_a_cpu_trial_has_no_graphs(tiny_model, tmp_path):
     model = _trial(tiny_model, tmp_path)
     assert not cuda_graphs.installed(model)
     assert cuda_graphs.install(speed.decoder_layers(model), graphs=False) == 2

@@ -27,6 +27,13 @@ def _trial(tiny_model, tmp_path, dropout: float = 0.0, **changes):
     return train_qlora.setup(spec, params, _train_cfg(**changes), tmp_path)[0]
 
 
+def random_b(model) -> None:
+    """LoRA B random too (it starts at zero), or A's gradient would be zero."""
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, generator=torch.Generator().manual_seed(4))
+
+
 def test_bf16_trial_path_matches_plain_recipe(tiny_model, tmp_path):
     """bf16 compute: plain upcasts norms and embeddings to fp32, the trial path keeps them in
     bf16; the loss and the LoRA gradients must still agree: relative error of all LoRA
@@ -156,9 +163,7 @@ def test_compiled_checkpointed_layers_give_the_eager_gradients(tiny_model, tmp_p
     for compiled in (False, True):
         torch.manual_seed(0)  # the same LoRA A
         model = _trial(tiny_model, tmp_path, dropout=0.3, gradient_checkpointing=compiled)
-        for name, param in model.named_parameters():
-            if "lora_B" in name:  # B random too, or A's gradient would be zero
-                torch.nn.init.normal_(param, generator=torch.Generator().manual_seed(4))
+        random_b(model)
         assert speed.compile_layers(model, compiled) == (2 if compiled else 0)
         model.train()
         torch.manual_seed(5)
