@@ -88,10 +88,10 @@ def _recompute_grads(run, x, params, grad, autocast) -> tuple:
     gradients of `x` and of `params` (zeros for a parameter the output does not reach)."""
     with torch.enable_grad(), _autocast(x.device, autocast):
         grads = torch.autograd.grad(run(x), [x, *params], grad, allow_unused=True)
-    zeros = [
+    param_grads = [
         torch.zeros_like(p) if g is None else g for g, p in zip(grads[1:], params, strict=True)
     ]
-    return grads[0], zeros
+    return grads[0], param_grads
 
 
 def _autocast(device: torch.device, autocast: torch.dtype | None):
