@@ -1,14 +1,28 @@
-"""The plain QLoRA recipe against the trial path, alternating in one process.
+"""The plain QLoRA recipe against the trial path: each recipe in its own process, alternating.
 
-    python -m src.bench BENCH.json      (`python -m sweep bench` writes BENCH.json and reads
-                                         the result it names)
+    python -m src.bench BENCH.json prepare       the checkpoint, the card and its matrix rate
+    python -m src.bench BENCH.json INDEX ROUND   one recipe of BENCH.json's list, measured
+
+`python -m sweep bench` writes BENCH.json, runs these, and reads what they write back.
 
 Plain recipe: what people run without this project: Transformers + PEFT + bitsandbytes NF4
 double quantization, bf16 compute, SDPA, `prepare_model_for_kbit_training` (which upcasts the
 non-quantized weights to fp32), activation checkpointing on every layer, paged AdamW 8-bit,
-LoRA on all linear layers, the HF Trainer. Trial path: src/train_qlora's `setup` and
-`build_trainer` with the study's [train] table (and a variant's overrides). Random tokens of a
-fixed length: throughput and memory do not depend on the values.
+LoRA on all linear layers, the HF Trainer — the recipe of the issue's reference figures
+(../shared/device/README.md: 3,826-3,900 tokens/s for the 7B shape), whose Trainer runs
+without bf16 autocast, so the upcast head and norms compute in fp32. `plain+autocast` (CUDA
+only) is the same with the Trainer's `bf16=True`: the stronger baseline, reported beside it.
+Trial path: src/train_qlora's `setup` and `build_trainer` with the study's [train] table (and
+a variant's overrides). Random tokens of a fixed length: throughput and memory do not depend
+on the values.
+
+One process per recipe and round, as a sweep runs one per trial: the peak memory (allocator
+and NVML) is that recipe's alone. In one shared process, every recipe of a second round
+peaked ~1.1 GiB higher than in the first (docs/bench/README.md, session 7).
+
+Correctness on the same batch and LoRA weights: each recipe as it trains (bf16), and each
+recipe built again with fp32 compute on the same 4-bit weights, where rounding no longer hides
+a wrong gradient (in bf16, plain itself is ~9 % from fp32 at 7B on random weights).
 """
 
 from __future__ import annotations
@@ -37,7 +51,6 @@ from src import models, random_qwen, speed, train_qlora
 from src.memory import PeakMemory
 from src.progress import emit
 from sweep.config import Model
-from sweep.results import package_versions
 
 LR = 2e-4
 
@@ -102,10 +115,16 @@ def plain_trainer(
 def trial_path(
     source: str, r: int, alpha: float, dropout: float, train_cfg: dict, out: Path, dataset
 ) -> tuple:
-    params = {"method": "qlora", "r": r, "lora_alpha": alpha, "dropout": dropout}
-    model, tokenizer = train_qlora.setup(model_spec(source), params, train_cfg, out / "cache")
+    model, tokenizer = train_qlora.setup(
+        model_spec(source), lora_params(r, alpha, dropout), train_cfg, out / "cache"
+    )
     trainer, _ = train_qlora.build_trainer(model, tokenizer, dataset, None, train_cfg, LR, out)
     return model, trainer
+
+
+def lora_params(r: int, alpha: float, dropout: float) -> dict:
+    """What a trial samples, as the trial path's `setup` takes it."""
+    return {"method": "qlora", "r": r, "lora_alpha": alpha, "dropout": dropout}
 
 
 def model_spec(folder: str) -> dict:
@@ -156,42 +175,40 @@ def compare(want: tuple[float, dict], got: tuple[float, dict]) -> dict:
     }
 
 
-def measure(
-    recipe: str, bench: dict, dataset, check_batch, train_cfg: dict | None
-) -> tuple[dict, tuple[float, dict]]:
-    """One recipe from load to its last step: times, peak memory, and the check batch."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+def measure(recipe: dict, bench: dict, dataset, check_batch) -> tuple[dict, tuple[float, dict]]:
+    """One recipe from load to its last step: times, peak memory, and the check batch as the
+    recipe trains (its dtype and autocast)."""
     memory = PeakMemory()
     set_seed(0)
+    train_cfg = recipe["train"]  # None: a plain recipe
     r, source, out = bench["rank"], bench["model_dir"], Path(bench["work_dir"])
     alpha, dropout, steps = 2 * r, bench["dropout"], bench["warmup"] + bench["steps"]
     started = time.perf_counter()
     # attention kernels as each recipe gets them: torch's default (cuDNN allowed) for plain,
     # the trial's setting for the trial path (its own process sets it in train_qlora)
     speed.attention_backends((train_cfg or {}).get("cudnn_attention", True))
-    if recipe.startswith("plain"):
+    if train_cfg is None:
         model = plain_model(source, r, alpha, dropout)
         tokenizer = models.load_tokenizer(source)
         trainer = plain_trainer(
-            model, tokenizer, dataset, bench["batch"], steps, out, autocast=recipe == "plain"
+            model, tokenizer, dataset, bench["batch"], steps, out, recipe["autocast"]
         )
     else:
         model, trainer = trial_path(source, r, alpha, dropout, train_cfg, out, dataset)
     setup_s = time.perf_counter() - started
-    check = loss_and_grads(model, check_batch)
+    check = loss_and_grads(model, check_batch, recipe["autocast"])
     timer = StepTimer()
     trainer.add_callback(timer)
     trainer.train()
     recorded, kind, nvml = memory.read()
     micro = (train_cfg or {}).get("micro_batch") or bench["batch"]  # after the memory figures
     profiled = profile(model, check_batch.repeat(micro, 1)) if bench.get("profile") else None
-    speed.decompile_layers(model)  # frees CUDA graphs, or the next recipe would count them
+    speed.decompile_layers(model)  # frees CUDA graphs before the fp32 check builds its model
     median = statistics.median(timer.times[bench["warmup"] :])
     tokens = bench["batch"] * bench["seq"]
     row = {
-        "recipe": recipe,
+        "variant": recipe["name"],
+        "recipe": "plain" if train_cfg is None else "trial",
         "setup_s": setup_s,
         "step_s_median": median,
         "step_s": timer.times,
@@ -211,6 +228,24 @@ def measure(
     }
     del trainer, model
     return row, check
+
+
+def fp32_check(bench: dict, check_batch, train_cfg: dict | None) -> tuple[float, dict]:
+    """The check batch through the recipe built again with fp32 compute on the same 4-bit
+    weights (the trial path keeps its kernels, fused LoRA and CUDA graphs): bf16 rounding
+    through many random-weight layers no longer hides whether both compute the same thing."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    r, source = bench["rank"], bench["model_dir"]
+    if train_cfg is None:
+        model = plain_model(source, r, 2 * r, bench["dropout"], torch.float32)
+    else:
+        train_cfg = {**train_cfg, "compute_dtype": "float32"}
+        params = lora_params(r, 2 * r, bench["dropout"])
+        cache = Path(bench["work_dir"]) / "cache"
+        model, _ = train_qlora.setup(model_spec(source), params, train_cfg, cache)
+    return loss_and_grads(model, check_batch, autocast=False)
 
 
 CATEGORIES = (  # GPU kernels by name, for "what limits it"
@@ -291,61 +326,58 @@ def random_tokens(vocab: int, count: int, seq: int) -> torch.Tensor:
     return torch.randint(100, vocab - 100, (count, seq), generator=gen)
 
 
-def main(bench_path: Path) -> dict:
-    bench = json.loads(Path(bench_path).read_text())
+def inputs(bench: dict, vocab: int) -> tuple:
+    """The training set (random tokens, the same in every process) and the check batch: one
+    sequence, so that the check never sets the peak."""
+    steps = bench["warmup"] + bench["steps"]
+    ids = random_tokens(vocab, steps * bench["batch"], bench["seq"])
+    dataset = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    return dataset, ids[:1].to("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def prepare(bench_path: Path) -> None:
+    """The checkpoint (built where missing) and what every recipe needs to know of the card,
+    written back into BENCH.json."""
+    bench = json.loads(bench_path.read_text())
     model_dir = Path(bench["model_dir"])
     if not (model_dir / "config.json").exists():
         emit("building", shape=bench["shape"], folder=str(model_dir))
         random_qwen.build(bench["shape"], Path(bench["tokenizer"]), model_dir)
     config = json.loads((model_dir / "config.json").read_text())
+    bench["vocab"] = config["vocab_size"]
     bench["n_params"] = random_qwen.count(config)
     bench["matmul_tflops"] = matmul_tflops()
-    steps = bench["warmup"] + bench["steps"]
-    ids = random_tokens(config["vocab_size"], steps * bench["batch"], bench["seq"])
-    dataset = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    check_batch = ids[:1].to(device)  # one sequence: the check must not set the peak
-    runs, checks = [], {}
-    if bench.get("reference"):  # the same 4-bit weights, everything else in fp32: the truth
-        emit("recipe", name="fp32 reference")
-        model = plain_model(
-            bench["model_dir"], bench["rank"], 2 * bench["rank"], 0.0, torch.float32
-        )
-        checks["fp32 reference"] = loss_and_grads(model, check_batch, autocast=False)
-        del model
-    for round_ in range(bench["rounds"]):
-        plain = ["plain"] + (["plain-no-autocast"] if bench.get("plain_no_autocast") else [])
-        for name, train_cfg in [*((p, None) for p in plain), *bench["variants"].items()]:
-            emit("recipe", name=name, round=round_)
-            with speed.restored_modeling_globals(config["model_type"]):
-                row, check = measure(
-                    name if train_cfg is None else "trial", bench, dataset, check_batch, train_cfg
-                )
-            runs.append({**row, "variant": name, "round": round_})
-            checks.setdefault(name, check)
-            emit(
-                "measured",
-                variant=name,
-                tokens_per_s=round(row["tokens_per_s"]),
-                peak_allocated_gib=round(row["peak_allocated_gib"] or 0, 2),
-            )
-    result = {
-        **{k: v for k, v in bench.items() if k != "variants"},
-        "variants": bench["variants"],
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "versions": package_versions(),
-        "runs": runs,
-        "checks": {n: compare(checks["plain"], c) for n, c in checks.items() if n != "plain"},
-        "checks_vs_reference": {
-            n: compare(checks["fp32 reference"], c)
-            for n, c in checks.items()
-            if n != "fp32 reference" and "fp32 reference" in checks
-        },
-    }
-    Path(bench["result"]).write_text(json.dumps(result, indent=2))
-    return result
+    bench["cuda"] = torch.cuda.is_available()
+    bench["device"] = torch.cuda.get_device_name() if bench["cuda"] else "cpu"
+    bench_path.write_text(json.dumps(bench, indent=2))
+
+
+def run_recipe(bench_path: Path, index: int, round_: int) -> None:
+    """One recipe in this process; writes its row (in the first round with its checks against
+    plain, the first recipe, whose check batch results it leaves for the others)."""
+    bench = json.loads(bench_path.read_text())
+    recipe, work = bench["recipes"][index], Path(bench["work_dir"])
+    dataset, check_batch = inputs(bench, bench["vocab"])
+    row, check = measure(recipe, bench, dataset, check_batch)
+    row["round"] = round_
+    if round_ == 0:
+        # on the CPU the recipes compute in fp32 already (models.compute_dtype)
+        cpu_fp32 = models.compute_dtype("auto") == torch.float32
+        fp32 = check if cpu_fp32 else fp32_check(bench, check_batch, recipe["train"])
+        if index == 0:
+            torch.save({"as_trained": check, "fp32": fp32}, work / "check-plain.pt")
+        plain = torch.load(work / "check-plain.pt")
+        row["checks"] = {
+            "as_trained": compare(plain["as_trained"], check) if index else None,
+            "fp32": compare(plain["fp32"], fp32) if index else None,
+            "vs_fp32_plain": compare(plain["fp32"], check),  # what its rounding costs
+        }
+    (work / f"run-{round_}-{index}.json").write_text(json.dumps(row))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
-    emit("done")
+    path, step = Path(sys.argv[1]), sys.argv[2:]
+    if step == ["prepare"]:
+        prepare(path)
+    else:
+        run_recipe(path, int(step[0]), int(step[1]))

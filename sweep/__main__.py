@@ -152,16 +152,6 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
         "--profile", action="store_true", help="also profile one forward+backward of every recipe"
     )
     p.add_argument(
-        "--plain-no-autocast",
-        action="store_true",
-        help="also run the plain recipe without the Trainer's bf16 autocast",
-    )
-    p.add_argument(
-        "--reference",
-        action="store_true",
-        help="also check every recipe against the same 4-bit weights computed in fp32",
-    )
-    p.add_argument(
         "--overhead",
         action="store_true",
         help="time one real trial of --study (--steps steps) instead",

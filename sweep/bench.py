@@ -1,9 +1,9 @@
 """`python -m sweep bench`: the trial path against the plain QLoRA recipe, side by side.
 
-The measuring happens in a child process (src/bench.py: torch, one process for all recipes,
-alternating); this side builds its input from the config, and writes the result as JSON and a
-Markdown table under docs/bench/. `--overhead` instead times one real trial of a study from
-process start to exit, to see what a trial spends outside training.
+The measuring happens in child processes (src/bench.py: torch, one process per recipe and
+round, alternating); this side builds their input from the config, and writes the result as
+JSON and a Markdown table under docs/bench/. `--overhead` instead times one real trial of a
+study from process start to exit, to see what a trial spends outside training.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import json
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from sweep import config, trial, trial_process
 from sweep.errors import ConfigError
+from sweep.results import package_versions
 
 SHAPES = ("0.5B", "1.5B", "3B", "7B", "14B")  # src/random_qwen.py builds these
 
@@ -72,17 +74,50 @@ def run(args) -> Path:
         "warmup": args.warmup,
         "rounds": args.rounds,
         "profile": args.profile,
-        "reference": args.reference,
-        "plain_no_autocast": args.plain_no_autocast,
         "study": args.study,
         "variants": variants(args.config, args.study, args.variant, fixed, args.set),
         "work_dir": str(work),
-        "result": str(work / "result.json"),
     }
-    (work / "bench.json").write_text(json.dumps(bench, indent=2))
-    _child(["-m", "src.bench", str(work / "bench.json")])
-    result = json.loads((work / "result.json").read_text())
+    try:
+        result = measure(work / "bench.json", bench, args.rounds)
+    finally:  # the children's Trainer folders and gradient checks
+        shutil.rmtree(work, ignore_errors=True)
     return write(result, args.out, f"{shape}-{args.seq}x{args.batch}")
+
+
+def measure(path: Path, bench: dict, rounds: int) -> dict:
+    """The children: one to prepare (what the card is), then one per recipe and round."""
+    path.write_text(json.dumps(bench, indent=2))
+    _child(["-m", "src.bench", str(path), "prepare"])
+    bench = json.loads(path.read_text())
+    bench["recipes"] = recipes(bench["cuda"], bench["variants"])
+    path.write_text(json.dumps(bench, indent=2))
+    runs = []
+    for round_ in range(rounds):
+        for index, recipe in enumerate(bench["recipes"]):
+            print(f"bench: {recipe['name']}, round {round_ + 1} of {rounds}", flush=True)
+            _child(["-m", "src.bench", str(path), str(index), str(round_)])
+            runs.append(json.loads((path.parent / f"run-{round_}-{index}.json").read_text()))
+    return {**bench, "versions": package_versions(), "runs": runs}
+
+
+PLAIN = {"plain": False, "plain+autocast": True}  # the plain recipes: Trainer's bf16 autocast
+
+
+def recipes(cuda: bool, variants: dict[str, dict]) -> list[dict]:
+    """What each round runs, in order, each in a process of its own: the plain recipes
+    (autocast only where there is CUDA), then the trial-path variants."""
+    plain = [
+        {"name": name, "autocast": autocast, "train": None}
+        for name, autocast in PLAIN.items()
+        if cuda or not autocast
+    ]
+    # the trial's Trainer autocasts to bf16 when that is its compute dtype (src/train_qlora)
+    trial = [
+        {"name": n, "autocast": t["compute_dtype"] in ("auto", "bfloat16"), "train": t}
+        for n, t in variants.items()
+    ]
+    return plain + trial
 
 
 def _model(args, cfg) -> tuple[Path, str]:
@@ -140,8 +175,11 @@ def summary(result: dict) -> list[dict]:
             row[key] = statistics.median(values) if values else None
         rows.append(row)
     plain = rows[0]
+    autocast = next((r for r in rows if r["variant"] == "plain+autocast"), None)
     for row in rows:
         row["speed_x"] = row["tokens_per_s"] / plain["tokens_per_s"]
+        if autocast:
+            row["speed_x_autocast"] = row["tokens_per_s"] / autocast["tokens_per_s"]
         for key in ("peak_allocated_gib", "nvml_peak_gib"):
             if row[key] and plain[key]:
                 row[key.replace("_gib", "_x")] = row[key] / plain[key]
@@ -155,13 +193,15 @@ def markdown(result: dict) -> str:
         f"{result['date']} · {result['device']} · bf16 matrix rate measured here: "
         f"{_num(result.get('matmul_tflops'), 0)} TFLOP/s · {result['n_params']:,} parameters · "
         f"{result['steps']} measured steps after {result['warmup']} · {result['rounds']} "
-        f"round(s), alternating\n\n`{result['command']}`\n\n"
-        "| variant | tokens/s | x plain | step s (median) | peak allocated GiB | x plain "
-        "| reserved GiB | recorded GiB | NVML GiB | x plain | MFU |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        f"round(s), alternating, each recipe in a process of its own\n\n"
+        f"`{result['command']}`\n\n"
+        "| variant | tokens/s | x plain | x plain+autocast | step s (median) | peak allocated GiB "
+        "| x plain | reserved GiB | recorded GiB | NVML GiB | x plain | MFU |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = [
         f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {r['speed_x']:.2f} | "
+        f"{_num(r.get('speed_x_autocast'))} | "
         f"{r['step_s_median']:.3f} | {_num(r['peak_allocated_gib'])} | "
         f"{_num(r.get('peak_allocated_x'))} | {_num(r['peak_reserved_gib'])} | "
         f"{_num(r['recorded_peak_gib'])} | {_num(r['nvml_peak_gib'])} | "
@@ -170,21 +210,29 @@ def markdown(result: dict) -> str:
     ]
     checks = [
         "\n## Same batch, same LoRA weights: loss and LoRA gradients against plain\n",
-        "| variant | loss plain | loss trial | rel. diff | LoRA grad rel. err | per tensor: max "
-        "| median | tensors |",
-        "|---|---|---|---|---|---|---|---|",
+        "As trained: each recipe in its own dtype and autocast (bf16 on a GPU). In fp32: both "
+        "built again with fp32 compute on the same 4-bit weights, so rounding does not hide a "
+        "wrong gradient. Against plain in fp32: what each recipe's rounding costs.\n",
+        "| variant | against | loss plain | loss variant | rel. diff | LoRA grad rel. err "
+        "| per tensor: max | median | tensors |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    rows = [(n, c) for n, c in result["checks"].items() if n != "fp32 reference"]
-    rows += [
-        (f"{n} vs fp32 reference", c) for n, c in result.get("checks_vs_reference", {}).items()
-    ]
-    for name, c in rows:
-        checks.append(
-            f"| {name} | {c['loss_plain']:.5f} | {c['loss_trial']:.5f} | "
-            f"{c['loss_rel_diff']:.2e} | {c['grad_rel_err']:.2e} | {c['grad_rel_err_max']:.2e} | "
-            f"{c['grad_rel_err_median']:.2e} | {c['lora_tensors']} |"
-        )
-    settings = ["\n## Variants (the trial path's [train] table where it differs from plain)\n"]
+    sections = (
+        ("as_trained", "plain, as trained"),
+        ("fp32", "plain, both in fp32"),
+        ("vs_fp32_plain", "plain in fp32"),
+    )
+    first = [r for r in result["runs"] if r["round"] == 0]
+    for key, against in sections:
+        for run in first:
+            if c := run.get("checks", {}).get(key):
+                checks.append(
+                    f"| {run['variant']} | {against} | {c['loss_plain']:.5f} | "
+                    f"{c['loss_trial']:.5f} | {c['loss_rel_diff']:.2e} | "
+                    f"{c['grad_rel_err']:.2e} | {c['grad_rel_err_max']:.2e} | "
+                    f"{c['grad_rel_err_median']:.2e} | {c['lora_tensors']} |"
+                )
+    settings = ["\n## Variants (the trial path's [train] table: the keys that speed it up)\n"]
     for name, train in result["variants"].items():
         keys = (
             "micro_batch",
@@ -193,6 +241,8 @@ def markdown(result: dict) -> str:
             "kernels",
             "packing",
             "compile",
+            "cuda_graphs",
+            "fused_lora",
             "optimizer",
         )
         settings.append(f"- {name}: " + ", ".join(f"{k}={train[k]}" for k in keys))
