@@ -16,8 +16,11 @@ Shapes must repeat for graphs to pay: `speed.PaddingFree(bucket=True)` pads each
 of a few lengths. A shape first seen is captured (the first layer to see it runs twice
 eagerly on a side stream first, so lazy initialisation happens outside a capture); past
 `MAX_SHAPES` per layer, or for an input it cannot key, the layer runs the same checkpoint
-eagerly. Evaluation (no gradients) always runs the layers eagerly. Adapters only: with full
-fine-tuning each graph would hold a copy of its layer's weight gradients (src/train_qlora.py).
+eagerly. Evaluation in eval mode without gradients (the Trainer's validation loss) replays a
+forward-only graph per shape: validation took 31 % of a 0.5B SST-2 trial's training loop with
+eager layers (py-spy, docs/bench/README.md). Anything else without gradients (generation with
+its KV cache) runs the layers as they are. Adapters only: with full fine-tuning each graph
+would hold a copy of its layer's weight gradients (src/train_qlora.py).
 """
 
 from __future__ import annotations
@@ -102,6 +105,26 @@ def _autocast(device: torch.device, autocast: torch.dtype | None):
     return torch.autocast(device.type, dtype=autocast, cache_enabled=False)
 
 
+def _warm_up(shared: GraphSet, device: torch.device, step) -> None:
+    """Lazy initialisation (cuBLAS, Triton) outside captures: `step` twice on the side stream,
+    once per shape."""
+    side = shared.side_stream
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+
+
+def _capture_forward(run, autocast, statics: Statics, shared: GraphSet) -> torch.cuda.CUDAGraph:
+    """The layer's forward without autograd, from the static input to the static output."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=shared.pool, capture_error_mode="thread_local"):
+        with torch.no_grad(), _autocast(statics.hidden.device, autocast):
+            statics.out.copy_(run(statics.hidden))
+    return graph
+
+
 class Graphs:
     """One layer's captured forward and backward for one input signature. Inputs and outputs
     live in the signature's `Statics`, shared by all layers (their replays never overlap and
@@ -109,20 +132,13 @@ class Graphs:
 
     def __init__(self, run, params, autocast, statics: Statics, shared: GraphSet, warm: bool):
         self.statics = statics
-        device = statics.hidden.device
-        if not warm:  # lazy initialisation (cuBLAS, Triton) outside captures, once per shape
-            side = shared.side_stream
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    _recompute_grads(run, statics.hidden, params, statics.grad_out, autocast)
-            torch.cuda.current_stream(device).wait_stream(side)
-        self.forward_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(
-            self.forward_graph, pool=shared.pool, capture_error_mode="thread_local"
-        ):
-            with torch.no_grad(), _autocast(device, autocast):
-                statics.out.copy_(run(statics.hidden))
+        if not warm:
+            _warm_up(
+                shared,
+                statics.hidden.device,
+                lambda: _recompute_grads(run, statics.hidden, params, statics.grad_out, autocast),
+            )
+        self.forward_graph = _capture_forward(run, autocast, statics, shared)
         self.backward_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(
             self.backward_graph, pool=shared.pool, capture_error_mode="thread_local"
@@ -131,6 +147,26 @@ class Graphs:
                 run, statics.hidden, params, statics.grad_out, autocast
             )
             statics.grad_in.copy_(grad_in)
+
+
+class ForwardGraph:
+    """One layer's forward for one input signature in evaluation (eval mode, no gradients)."""
+
+    def __init__(self, run, autocast, statics: Statics, shared: GraphSet, warm: bool):
+        self.statics = statics
+        if not warm:
+
+            def forward():
+                with torch.no_grad(), _autocast(statics.hidden.device, autocast):
+                    run(statics.hidden)
+
+            _warm_up(shared, statics.hidden.device, forward)
+        self.graph = _capture_forward(run, autocast, statics, shared)
+
+    def __call__(self, sources: list, hidden: torch.Tensor) -> torch.Tensor:
+        self.statics.fill(sources, hidden)
+        self.graph.replay()
+        return self.statics.out.clone()
 
 
 class Replay:
@@ -160,11 +196,15 @@ class Statics:
     and out, their gradients, and copies of the other tensor inputs (every layer gets the
     same mask and rotary embeddings: copied once per new source)."""
 
-    def __init__(self, sources: list, hidden: torch.Tensor):
+    def __init__(self, sources: list, hidden: torch.Tensor, gradients: bool = True):
         self.buffers = [t.clone() for t in sources]
         self.current = list(sources)
         self.hidden = torch.empty_like(hidden).requires_grad_()  # a leaf, for input gradients
-        self.out, self.grad_out, self.grad_in = (torch.zeros_like(hidden) for _ in range(3))
+        self.out = torch.zeros_like(hidden)
+        # an evaluation signature needs no gradient buffers (at 7B, 32k tokens: 235 MB each)
+        self.grad_out, self.grad_in = (
+            (torch.zeros_like(hidden), torch.zeros_like(hidden)) if gradients else (None, None)
+        )
 
     def fill(self, sources: list, hidden: torch.Tensor) -> None:
         with torch.no_grad():
@@ -183,8 +223,8 @@ class GraphSet:
     def __init__(self):
         self.pool = torch.cuda.graph_pool_handle()
         self.side_stream = torch.cuda.Stream()
-        self.statics: dict = {}
-        self.warm: set = set()
+        self.statics: dict = {}  # (gradients, signature) -> Statics
+        self.warm: set = set()  # (gradients, signature) warmed up
 
 
 class GraphedLayer:
@@ -196,68 +236,74 @@ class GraphedLayer:
         self.layer, self.shared = layer, shared
         self.params = [p for p in layer.parameters() if p.requires_grad]
         self.dropouts = [m for m in layer.modules() if isinstance(m, torch.nn.Dropout)]
-        self.graphs: dict = {}
+        self.graphs: dict = {}  # training: signature -> Graphs
+        self.forward_graphs: dict = {}  # evaluation: signature -> ForwardGraph
 
     def uninstall(self) -> None:
         """Checkpointing back as it was, the graphs dropped."""
         self.layer.gradient_checkpointing = True
         self.graphs.clear()
+        self.forward_graphs.clear()
 
     def __call__(self, *args, **kwargs):
         layer = self.layer
-        if not (args and layer.training and torch.is_grad_enabled()):
+        if not args:
             return layer._call_impl(*args, **kwargs)
         hidden = args[0]
+        if not torch.is_grad_enabled() and not layer.training and self.shared is not None:
+            return self._evaluate(args, kwargs)
+        if not (layer.training and torch.is_grad_enabled()):
+            return layer._call_impl(*args, **kwargs)
         if not (self.params or hidden.requires_grad):  # no gradient through it: no checkpoint
             return layer._call_impl(*args, **kwargs)
-        leaves, spec = tree_flatten((args[1:], kwargs))
-        sources = [x for x in leaves if isinstance(x, torch.Tensor)]
-        autocast = (
-            torch.get_autocast_dtype(hidden.device.type)
-            if torch.is_autocast_enabled(hidden.device.type)
-            else None
-        )
-
-        def run(x, tensors=sources):
-            it = iter(tensors)
-            filled = [next(it) if isinstance(v, torch.Tensor) else v for v in leaves]
-            rest, kw = tree_unflatten(filled, spec)
-            return layer._call_impl(x, *rest, **kw)  # a decoder layer returns one tensor
-
-        runner = self._replay(run, hidden, leaves, spec, sources, autocast)
+        call = _Call(layer, args, kwargs)
+        runner = self._replay(call)
         if runner is None:
-            runner = Eager(run, self.params, autocast)
+            runner = Eager(call.run, self.params, call.autocast)
         return Checkpoint.apply(runner, hidden, *self.params)
 
-    def _replay(self, run, hidden, leaves, spec, sources, autocast) -> Replay | None:
-        key = self._key(hidden, leaves, spec, autocast)
+    def _evaluate(self, args, kwargs):
+        """A forward-only graph where the call can be keyed, else the layer as it is."""
+        call = _Call(self.layer, args, kwargs)
+        graph = self._graph(call, self.forward_graphs, gradients=False)
+        if graph is None:
+            return self.layer._call_impl(*args, **kwargs)
+        return graph(call.sources, call.hidden)
+
+    def _replay(self, call: _Call) -> Replay | None:
+        graphs = self._graph(call, self.graphs, gradients=True)
+        return None if graphs is None else Replay(graphs, call.sources)
+
+    def _graph(self, call: _Call, table: dict, gradients: bool):
+        """The call's `Graphs` (training) or `ForwardGraph` from `table`, captured now for a
+        new signature; None where the call cannot be keyed or `MAX_SHAPES` are held."""
+        key = self._key(call)
         if key is None:
             return None
-        graphs = self.graphs.get(key)
-        if graphs is None:
-            if len(self.graphs) >= MAX_SHAPES:
-                return None
+        found = table.get(key)
+        if found is None and len(table) < MAX_SHAPES:
             shared = self.shared
-            statics = shared.statics.get(key[1:])
+            buffers = (gradients, *key[1:])  # the dropout switches (key[0]) change no buffer
+            statics = shared.statics.get(buffers)
             if statics is None:
-                statics = shared.statics[key[1:]] = Statics(sources, hidden)
-            statics.fill(sources, hidden)
+                statics = shared.statics[buffers] = Statics(call.sources, call.hidden, gradients)
+            statics.fill(call.sources, call.hidden)
+            run, warm = call.on(statics), (gradients, key) in shared.warm
+            if gradients:
+                found = Graphs(run, self.params, call.autocast, statics, shared, warm)
+            else:
+                found = ForwardGraph(run, call.autocast, statics, shared, warm)
+            table[key] = found
+            shared.warm.add((gradients, key))
+        return found
 
-            def run_static(x, tensors=statics.buffers):
-                return run(x, tensors)
-
-            graphs = self.graphs[key] = Graphs(
-                run_static, self.params, autocast, statics, shared, key in shared.warm
-            )
-            shared.warm.add(key)
-        return Replay(graphs, sources)
-
-    def _key(self, hidden, leaves, spec, autocast):
+    def _key(self, call: _Call):
         """Everything a capture bakes in: shapes, dtypes, flags, the dropout switches."""
+        hidden = call.hidden
         if self.shared is None or hidden.device.type != "cuda":
             return None
         parts = []
-        for leaf in leaves:
+        for leaf in call.leaves:
             if isinstance(leaf, torch.Tensor):
                 parts.append((tuple(leaf.shape), leaf.dtype, leaf.device))
             elif leaf is None or isinstance(leaf, (bool, int, float, str)):
@@ -270,10 +316,34 @@ class GraphedLayer:
             tuple(hidden.shape),
             hidden.dtype,
             hidden.requires_grad,
-            autocast,
-            str(spec),
+            call.autocast,
+            str(call.spec),
             tuple(parts),
         )
+
+
+class _Call:
+    """One call of a decoder layer taken apart: the hidden states, the other arguments as
+    leaves (their tensors are what a graph copies in), the autocast it runs under, and `run`,
+    the layer on new hidden states with these (or static copies of these) tensors."""
+
+    def __init__(self, layer, args: tuple, kwargs: dict):
+        self.layer, self.hidden = layer, args[0]
+        self.leaves, self.spec = tree_flatten((args[1:], kwargs))
+        self.sources = [x for x in self.leaves if isinstance(x, torch.Tensor)]
+        device = self.hidden.device.type
+        enabled = torch.is_autocast_enabled(device)
+        self.autocast = torch.get_autocast_dtype(device) if enabled else None
+
+    def run(self, x, tensors: list | None = None):
+        it = iter(self.sources if tensors is None else tensors)
+        filled = [next(it) if isinstance(v, torch.Tensor) else v for v in self.leaves]
+        rest, kw = tree_unflatten(filled, self.spec)
+        return self.layer._call_impl(x, *rest, **kw)  # a decoder layer returns one tensor
+
+    def on(self, statics: Statics):
+        """`run` on the signature's static copies of the other tensors (what a graph bakes in)."""
+        return lambda x: self.run(x, statics.buffers)
 
 
 def install(layers: list, graphs: bool) -> int:

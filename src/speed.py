@@ -32,6 +32,14 @@ def liger_available() -> bool:
     )
 
 
+def preload() -> None:
+    """Import Liger's kernels where they run (its modules and Triton: ~13 % of a 0.5B trial's
+    set-up, py-spy), so a spare trial process pays for it before it gets its trial. Nothing
+    touches the GPU: no CUDA context is made."""
+    if liger_available():
+        import liger_kernel.transformers.monkey_patch  # noqa: F401
+
+
 def fuse_kernels(model, kernels: str, compiled: bool = False) -> list[str]:
     """Swap in Liger's kernels on `model` (before PEFT wraps it); returns what was applied.
 

@@ -67,3 +67,29 @@ def test_graphed_trial_path_gives_the_eager_loss_and_gradients(tmp_path):
     check = bench.compare(*results)
     assert check["loss_rel_diff"] < 1e-3
     assert check["grad_rel_err"] < 1e-2
+
+
+def test_validation_replays_forward_graphs(tmp_path):
+    """Eval mode without gradients (the Trainer's validation loss) replays one forward-only
+    graph per shape: the eager loss, the same on a replay, and training graphs unchanged."""
+    spec = bench.model_spec(os.environ["SWEEP_GPU_MODEL"])
+    params = {"method": "qlora", "r": 16, "lora_alpha": 32, "dropout": 0.05}
+    model, _ = train_qlora.setup(spec, params, _train_cfg(cuda_graphs=True), tmp_path)
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(100, 30000, (1, n), generator=gen).cuda() for n in (256, 384)]
+    before = bench.loss_and_grads(model, batches[0])  # training graphs captured
+
+    def validation() -> list[float]:
+        model.eval()
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            return [float(model(input_ids=b, labels=b).loss) for b in batches]
+
+    graphed = [validation(), validation()]
+    layers = speed.decoder_layers(model)
+    assert all(len(layer._compiled_call_impl.forward_graphs) == 2 for layer in layers)
+    after = bench.loss_and_grads(model, batches[0])  # training again, after validation
+    assert bench.compare(before, after)["grad_rel_err"] < 1e-3  # replays: atomics at most
+    speed.decompile_layers(model)
+    eager = validation()
+    assert graphed[1] == pytest.approx(graphed[0], rel=1e-6)
+    assert graphed[0] == pytest.approx(eager, rel=1e-3)

@@ -1,10 +1,12 @@
-"""On the GPU machine: one real trial on a random-weight Qwen2.5-0.5B shape records CUDA memory.
+"""On the GPU machine: real trials on a random-weight Qwen2.5-0.5B shape (CUDA memory, methods,
+out of memory, generation).
 
 pytest -m gpu tests/gpu   (needs SWEEP_GPU_MODEL=<folder from python -m src.random_qwen>)
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -16,26 +18,22 @@ from tests.conftest import run_cli, write_config
 pytestmark = pytest.mark.gpu
 
 
-def test_one_trial_on_the_gpu(tmp_path, shared_data):
-    model = Path(os.environ["SWEEP_GPU_MODEL"])
-    cfg = write_config(tmp_path, model, shared_data)
+def _sweep(tmp_path, shared_data, n_trials: int, *sets: str, extra: str = "", task="sst2"):
+    """`sweep run` of write_config's tiny study on SWEEP_GPU_MODEL, `--set` overrides; its
+    trials once it exited 0."""
+    cfg = write_config(tmp_path, Path(os.environ["SWEEP_GPU_MODEL"]), shared_data, extra=extra)
+    cfg.write_text(cfg.read_text().replace('task = "sst2"', f'task = "{task}"'))
+    options = [arg for item in sets for arg in ("--set", item)]
     out = run_cli(
-        "run",
-        "--study",
-        "tiny",
-        "--config",
-        str(cfg),
-        "--n-trials",
-        "1",
-        "--set",
-        "train.max_steps=20",
-        "--set",
-        "train.batch_size=16",
+        "run", "--study", "tiny", "--config", str(cfg), "--n-trials", str(n_trials), *options
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    (trial,) = optuna.load_study(
-        study_name="tiny", storage=f"sqlite:///{tmp_path}/storage/optuna.db"
-    ).trials
+    storage = f"sqlite:///{tmp_path}/storage/optuna.db"
+    return optuna.load_study(study_name="tiny", storage=storage).trials
+
+
+def test_one_trial_on_the_gpu(tmp_path, shared_data):
+    (trial,) = _sweep(tmp_path, shared_data, 1, "train.max_steps=20", "train.batch_size=16")
     assert trial.state.name == "COMPLETE"
     attrs = trial.user_attrs
     assert attrs["memory_kind"] == "cuda_process" and attrs["device"] != "cpu"
@@ -44,19 +42,24 @@ def test_one_trial_on_the_gpu(tmp_path, shared_data):
     assert attrs["train_tokens_per_s"] > 0
 
 
+@pytest.mark.parametrize(("method", "graphed"), [("lora", True), ("full", False)])
+def test_16bit_methods_on_the_gpu(tmp_path, shared_data, method, graphed):
+    """LoRA on a 16-bit base trains through CUDA graphs like QLoRA; full fine-tuning keeps
+    eager layers (a graph would hold a second copy of every weight's gradient)."""
+    sets = (f'space.method=["{method}"]', "train.max_steps=20", "train.batch_size=16")
+    (trial,) = _sweep(tmp_path, shared_data, 1, *sets)
+    assert trial.state.name == "COMPLETE" and trial.user_attrs["method"] == method
+    log = (tmp_path / "storage/trials/tiny/0/stdout.log").read_text()
+    (event,) = [json.loads(line.split(" ", 1)[1]) for line in log.splitlines() if '"model"' in line]
+    assert event["method"] == method and (event["graphed_layers"] > 0) == graphed
+    assert trial.user_attrs["last_val_loss"] < 20  # it trained: a finite validation loss
+
+
 def test_out_of_memory_under_the_budget_is_infeasible(tmp_path, shared_data):
     """A 1 GiB budget on a 141 GB card: the trial caps itself, runs out of memory, and the
     sweep records it as infeasible (constraint > 0) instead of failing or crashing."""
-    model = Path(os.environ["SWEEP_GPU_MODEL"])
-    cfg = write_config(tmp_path, model, shared_data, extra="vram_budget_gb = 1.0")
-    out = run_cli(
-        "run", "--study", "tiny", "--config", str(cfg), "--n-trials", "2",
-        "--set", "train.max_steps=20", "--set", "train.batch_size=16",
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    trials = optuna.load_study(
-        study_name="tiny", storage=f"sqlite:///{tmp_path}/storage/optuna.db"
-    ).trials
+    sets = ("train.max_steps=20", "train.batch_size=16")
+    trials = _sweep(tmp_path, shared_data, 2, *sets, extra="vram_budget_gb = 1.0")
     assert len(trials) == 2  # the sweep went on after the first out-of-memory trial
     for trial in trials:
         assert trial.state.name == "COMPLETE" and trial.user_attrs["reason"] == "oom"
@@ -71,17 +74,11 @@ def test_out_of_memory_under_the_budget_is_infeasible(tmp_path, shared_data):
 
 def test_squad_trial_generates_on_the_gpu(tmp_path, shared_data):
     """Batched generation with a 4-bit base and bf16 LoRA on CUDA (random weights: F1 ≈ 0)."""
-    model = Path(os.environ["SWEEP_GPU_MODEL"])
-    cfg = write_config(tmp_path, model, shared_data)
-    cfg.write_text(cfg.read_text().replace('task = "sst2"', 'task = "squad"'))
-    out = run_cli(
-        "run", "--study", "tiny", "--config", str(cfg), "--n-trials", "1",
-        "--set", "train.max_steps=10", "--set", "train.max_seq_len=384",
-        "--set", "eval={max_examples=64, batch_size=32, max_new_tokens=16}",
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    (trial,) = optuna.load_study(
-        study_name="tiny", storage=f"sqlite:///{tmp_path}/storage/optuna.db"
-    ).trials
+    sets = (
+        "train.max_steps=10",
+        "train.max_seq_len=384",
+        "eval={max_examples=64, batch_size=32, max_new_tokens=16}",
+    )
+    (trial,) = _sweep(tmp_path, shared_data, 1, *sets, task="squad")
     assert trial.state.name == "COMPLETE" and trial.user_attrs["metrics"]["eval_examples"] == 64
     assert (tmp_path / "storage/trials/tiny/0/predictions.json").is_file()

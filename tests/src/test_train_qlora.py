@@ -1,4 +1,5 @@
-"""The trial process turns running out of memory into an INFEASIBLE result, not a crash."""
+"""src/train_qlora.py: running out of memory becomes an INFEASIBLE result, not a crash; the
+Trainer it builds."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import pytest
 import torch
 
-from src import train_qlora
+from src import models, train_qlora
 
 
 @pytest.mark.parametrize(
@@ -43,3 +44,24 @@ def test_other_errors_still_crash(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="shape mismatch"):
         train_qlora.main(spec)
     assert not (tmp_path / "result.json").exists()
+
+
+def test_trainer_counts_flops_as_the_hf_trainer_with_one_parameter_count(
+    tiny_model, tmp_path, monkeypatch
+):
+    from transformers import Trainer
+
+    from tests.src.test_speed import _train_cfg, _trial
+
+    model = _trial(tiny_model, tmp_path)
+    tokenizer = models.load_tokenizer(str(tiny_model))
+    trainer, _ = train_qlora.build_trainer(
+        model, tokenizer, None, None, _train_cfg(), 0.1, tmp_path
+    )
+    batch = {"input_ids": torch.ones(3, 7, dtype=torch.long)}
+    want = Trainer.floating_point_ops(trainer, batch)
+    counted = []
+    count = model.num_parameters
+    monkeypatch.setattr(model, "num_parameters", lambda **kw: counted.append(1) or count(**kw))
+    assert want > 0 and [trainer.floating_point_ops(batch) for _ in range(3)] == [want] * 3
+    assert len(counted) == 1  # counted once, not at every step
