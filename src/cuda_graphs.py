@@ -230,7 +230,8 @@ class GraphSet:
 class GraphedLayer:
     """Called instead of the decoder layer (`nn.Module._compiled_call_impl`, as
     torch.compile's regional compilation hooks in): training with gradients goes through
-    `Checkpoint`, on graphs where the call can be keyed; anything else runs the layer."""
+    `Checkpoint`, on graphs where the call can be keyed; evaluation without gradients
+    replays a `ForwardGraph` where it can be keyed; anything else runs the layer."""
 
     def __init__(self, layer, shared: GraphSet | None):
         self.layer, self.shared = layer, shared
