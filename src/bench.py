@@ -115,16 +115,15 @@ def plain_trainer(
 def trial_path(
     source: str, r: int, alpha: float, dropout: float, train_cfg: dict, out: Path, dataset
 ) -> tuple:
-    model, tokenizer = train_qlora.setup(
-        model_spec(source), lora_params(r, alpha, dropout), train_cfg, out / "cache"
-    )
+    model, tokenizer = trial_model(source, r, alpha, dropout, train_cfg, out)
     trainer, _ = train_qlora.build_trainer(model, tokenizer, dataset, None, train_cfg, LR, out)
     return model, trainer
 
 
-def lora_params(r: int, alpha: float, dropout: float) -> dict:
-    """What a trial samples, as the trial path's `setup` takes it."""
-    return {"method": "qlora", "r": r, "lora_alpha": alpha, "dropout": dropout}
+def trial_model(source: str, r: int, alpha: float, dropout: float, train_cfg: dict, out: Path):
+    """(model, tokenizer) as a trial's `setup` builds them for these LoRA parameters."""
+    params = {"method": "qlora", "r": r, "lora_alpha": alpha, "dropout": dropout}
+    return train_qlora.setup(model_spec(source), params, train_cfg, out / "cache")
 
 
 def model_spec(folder: str) -> dict:
@@ -242,9 +241,8 @@ def fp32_check(bench: dict, check_batch, train_cfg: dict | None) -> tuple[float,
         model = plain_model(source, r, 2 * r, bench["dropout"], torch.float32)
     else:
         train_cfg = {**train_cfg, "compute_dtype": "float32"}
-        params = lora_params(r, 2 * r, bench["dropout"])
-        cache = Path(bench["work_dir"]) / "cache"
-        model, _ = train_qlora.setup(model_spec(source), params, train_cfg, cache)
+        out = Path(bench["work_dir"])
+        model, _ = trial_model(source, r, 2 * r, bench["dropout"], train_cfg, out)
     return loss_and_grads(model, check_batch, autocast=False)
 
 
@@ -326,11 +324,11 @@ def random_tokens(vocab: int, count: int, seq: int) -> torch.Tensor:
     return torch.randint(100, vocab - 100, (count, seq), generator=gen)
 
 
-def inputs(bench: dict, vocab: int) -> tuple:
+def inputs(bench: dict) -> tuple:
     """The training set (random tokens, the same in every process) and the check batch: one
     sequence, so that the check never sets the peak."""
     steps = bench["warmup"] + bench["steps"]
-    ids = random_tokens(vocab, steps * bench["batch"], bench["seq"])
+    ids = random_tokens(bench["vocab"], steps * bench["batch"], bench["seq"])
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
     return dataset, ids[:1].to("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -357,16 +355,18 @@ def run_recipe(bench_path: Path, index: int, round_: int) -> None:
     plain, the first recipe, whose check batch results it leaves for the others)."""
     bench = json.loads(bench_path.read_text())
     recipe, work = bench["recipes"][index], Path(bench["work_dir"])
-    dataset, check_batch = inputs(bench, bench["vocab"])
+    dataset, check_batch = inputs(bench)
     row, check = measure(recipe, bench, dataset, check_batch)
     row["round"] = round_
     if round_ == 0:
         # on the CPU the recipes compute in fp32 already (models.compute_dtype)
         cpu_fp32 = models.compute_dtype("auto") == torch.float32
         fp32 = check if cpu_fp32 else fp32_check(bench, check_batch, recipe["train"])
-        if index == 0:
-            torch.save({"as_trained": check, "fp32": fp32}, work / "check-plain.pt")
-        plain = torch.load(work / "check-plain.pt")
+        if index == 0:  # plain: its results stay for the recipes after it
+            plain = {"as_trained": check, "fp32": fp32}
+            torch.save(plain, work / "check-plain.pt")
+        else:
+            plain = torch.load(work / "check-plain.pt")
         row["checks"] = {
             "as_trained": compare(plain["as_trained"], check) if index else None,
             "fp32": compare(plain["fp32"], fp32) if index else None,

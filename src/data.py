@@ -9,9 +9,13 @@ from datasets import Dataset
 IGNORE = -100  # label id that the causal-LM loss skips
 
 
+def chat_prompt(tokenizer, messages: list[dict]) -> str:
+    """The chat template's text of `messages`, up to where the assistant's answer starts."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False).input_ids
+    return tokenizer(chat_prompt(tokenizer, messages), add_special_tokens=False).input_ids
 
 
 def answer_ids(tokenizer, answer: str, end_of_turn: bool = True) -> list[int]:
@@ -44,10 +48,7 @@ def to_dataset(tokenizer, examples: list[dict], max_len: int) -> Dataset:
     all answers (a fast tokenizer batches in Rust: half the time of one call per example)."""
     if not examples:
         return Dataset.from_list([])
-    texts = [
-        tokenizer.apply_chat_template(e["messages"], add_generation_prompt=True, tokenize=False)
-        for e in examples
-    ]
+    texts = [chat_prompt(tokenizer, e["messages"]) for e in examples]
     prompts = tokenizer(texts, add_special_tokens=False).input_ids
     answers = tokenizer([e["answer"] for e in examples], add_special_tokens=False).input_ids
     eos = tokenizer.eos_token_id

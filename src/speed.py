@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 
 import torch
@@ -62,22 +61,6 @@ def fuse_kernels(model, kernels: str, compiled: bool = False) -> list[str]:
         model=model, rope=layers, rms_norm=layers, swiglu=layers, fused_linear_cross_entropy=True
     )
     return (["rope", "rms_norm", "swiglu"] if layers else []) + ["fused_linear_cross_entropy"]
-
-
-@contextlib.contextmanager
-def restored_modeling_globals(model_type: str):
-    """Liger patches module-level names (RoPE, norm and MLP classes) of the modeling module;
-    put them back afterwards, so a plain model built later in the same process (the
-    benchmark alternates) is really plain. A trial process never needs this."""
-    import importlib
-
-    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-    saved = dict(vars(module))
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(module, name, value)
 
 
 def attention_backends(cudnn: bool) -> None:
