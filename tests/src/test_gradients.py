@@ -65,8 +65,16 @@ def test_lora_gradients_match_dense_model_after_eval(tiny_model):
 
 
 def test_the_trap_is_real_without_protection(tiny_model):
-    # the same comparison catches the repacking, on any CPU: this is what the fix prevents
-    assert _worst_relative_error(tiny_model, unprotect=True) > 0.1
+    # what the fix prevents, in whichever form this CPU shows it: where bitsandbytes repacks
+    # (AVX512-BF16) the later LoRA backward either gives wrong gradients or fails in
+    # `matmul_4bit` on the repacked weight ("a view of a leaf Variable ... in-place"); the
+    # comparison catches the first, the error is the second
+    try:
+        error = _worst_relative_error(tiny_model, unprotect=True)
+    except RuntimeError as err:
+        assert "in-place operation" in str(err)
+        return
+    assert error > 0.1
 
 
 def test_every_4bit_layer_is_protected(tiny_model):
