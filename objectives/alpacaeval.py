@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from objectives import judges, winrate
-from objectives.common import chat, open_text, split_train_val, subset
+from objectives.common import chat, generation_options, open_text, split_train_val, subset
 
 METRIC = "win_rate"
 DIRECTION = "maximize"
@@ -128,7 +128,14 @@ def evaluate(model, tokenizer, examples: list[dict], settings: dict, out_dir: Pa
     from src.generation import generate  # torch lives in the trial process only
     from src.judge import run_judge
 
-    texts = generate(model, tokenizer, examples, settings["batch_size"], settings["max_new_tokens"])
+    texts = generate(
+        model,
+        tokenizer,
+        examples,
+        settings["batch_size"],
+        settings["max_new_tokens"],
+        **generation_options(settings),
+    )
     generator = f"{out_dir.parent.name}-trial-{out_dir.name}"
     outputs = [
         {

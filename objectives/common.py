@@ -35,3 +35,14 @@ def subset(rows: list[Any], n: int, seed: int) -> list[Any]:
         return list(rows)
     keep = sorted(random.Random(seed).sample(range(len(rows)), n))
     return [rows[i] for i in keep]
+
+
+def generation_options(settings: dict) -> dict:
+    """What the trial adds to the [eval] settings for src/generation.generate: the fast path
+    or `model.generate` (the benchmark's plain trial), the memory evaluation must stay
+    within (the training peak), and a dict to fill with what generation did."""
+    return {
+        "fast": settings.get("fast_generation", True),
+        "limit_bytes": settings.get("memory_limit_bytes"),
+        "stats": settings.get("generation_stats"),
+    }

@@ -38,7 +38,6 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     DataCollatorForSeq2Seq,
     Trainer,
@@ -74,23 +73,6 @@ class StepTimer(TrainerCallback):
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def plain_model(source: str, r: int, alpha: float, dropout: float, dtype=None):
-    model = models.load_4bit_model(source, dtype or models.compute_dtype("auto"))
-    model = prepare_model_for_kbit_training(
-        model,
-        use_gradient_checkpointing=True,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-    )
-    config = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules="all-linear",
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, config)
 
 
 def plain_trainer(
@@ -187,7 +169,7 @@ def measure(recipe: dict, bench: dict, dataset, check_batch) -> tuple[dict, tupl
     # the trial's setting for the trial path (its own process sets it in train_qlora)
     speed.attention_backends((train_cfg or {}).get("cudnn_attention", True))
     if train_cfg is None:
-        model = plain_model(source, r, alpha, dropout)
+        model = models.plain_lora(source, r, alpha, dropout)
         tokenizer = models.load_tokenizer(source)
         trainer = plain_trainer(
             model, tokenizer, dataset, bench["batch"], steps, out, recipe["autocast"]
@@ -238,7 +220,7 @@ def fp32_check(bench: dict, check_batch, train_cfg: dict | None) -> tuple[float,
         torch.cuda.empty_cache()
     r, source = bench["rank"], bench["model_dir"]
     if train_cfg is None:
-        model = plain_model(source, r, 2 * r, bench["dropout"], torch.float32)
+        model = models.plain_lora(source, r, 2 * r, bench["dropout"], torch.float32)
     else:
         train_cfg = {**train_cfg, "compute_dtype": "float32"}
         out = Path(bench["work_dir"])

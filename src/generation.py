@@ -1,45 +1,470 @@
-"""Batched greedy generation for the objectives that score free text (SQuAD, AlpacaEval)."""
+"""Batched greedy generation for the objectives that score free text (SQuAD, AlpacaEval) and
+for the report's examples.
+
+Plain `model.generate` on a trial's model is bound by the host: every decode step launches
+thousands of small kernels (4-bit dequantization, LoRA's extra matmuls, norms) and grows a
+dynamic KV cache; on the H200 a 0.5B step took 28 ms where reading the weights takes 0.2 ms
+(`../shared/device/README.md`). So the fast path (`fast=True`, the default):
+
+- a static KV cache (transformers' `StaticCache`) per batch shape, prompts sorted by length
+  (longest first) and left-padded, the cache length rounded up to a multiple of `BUCKET`;
+- the prefill computes logits at the last position only;
+- on CUDA each decode step (forward, argmax, bookkeeping) is one captured CUDA graph replayed
+  per token: transformers' own `generate(cache_implementation="static")` reaches graphs only
+  through torch.compile, which cannot trace bitsandbytes' kernels and recompiles per shape;
+- LoRA merged into dense 16-bit weights (4-bit bases dequantized once) while generating, where
+  that fits under `limit_bytes` (the trial's training peak): one matmul per layer per step
+  instead of dequantize + matmul + two LoRA matmuls; the model is left as it was;
+- rows that reached an end-of-turn token stop counting; a batch ends when all have.
+
+Greedy answers are those of `model.generate` (tests/src/test_generation.py compares them);
+`fast=False` runs `model.generate` itself (the whole-trial benchmark's plain trial).
+A batch that runs out of memory is retried at half the batch size (down to 1).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import math
+import time
+
 import torch
+import torch.nn.functional as F
 
 from src.data import prompt_ids
+
+BUCKET = 64  # cache lengths are rounded up to a multiple: batches of similar length share a graph
+CHECK_EVERY = 8  # decode steps between two looks (a host sync) at whether every row is done
 
 
 @torch.no_grad()
 def generate(
-    model, tokenizer, examples: list[dict], batch_size: int, max_new_tokens: int
+    model,
+    tokenizer,
+    examples: list[dict],
+    batch_size: int,
+    max_new_tokens: int,
+    fast: bool = True,
+    limit_bytes: int | None = None,
+    stats: dict | None = None,
 ) -> list[str]:
-    """The model's answer to each example's `messages`, greedy, at most `max_new_tokens`.
-
-    Prompts are sorted by length and left-padded so a batch wastes little; the answers come
-    back in the examples' order, special tokens removed.
-    """
+    """The model's answer to each example's `messages`, greedy, at most `max_new_tokens`,
+    special tokens removed, in the examples' order. `stats` (a dict) gets what was done:
+    batch size used, decode steps, generated tokens, seconds (all, and after the first batch),
+    whether dense weights and CUDA graphs were used."""
     prompts = [prompt_ids(tokenizer, e["messages"]) for e in examples]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    stats = {} if stats is None else stats
+    stats.update(rows=len(prompts), steps=0, tokens=0, seconds=0.0, after_first_s=0.0)
+    stats.update(after_first_tokens=0, batches=0, retries=0, fast=fast)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    out: list[str] = [""] * len(prompts)
+    job = Job(prompts, max_new_tokens, pad, end_tokens(model, tokenizer), stats)
     was_training = model.training
     model.eval()
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(rows):
-            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]) :] = 1
-        generated = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
+    try:
+        while job.left():  # out of memory: the rest again at half the batch size
+            rows = fitting_batch(model, job, batch_size, limit_bytes) if fast else batch_size
+            try:
+                job.run(model, rows, fast, limit_bytes)
+            except torch.OutOfMemoryError:
+                if rows == 1:
+                    raise
+                _release()
+                batch_size = max(1, rows // 2)
+                stats["retries"] += 1
+    finally:
+        model.train(was_training)
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in job.out]
+
+
+class Job:
+    """The prompts (longest first), the answers so far and what was done."""
+
+    def __init__(self, prompts: list[list[int]], max_new: int, pad: int, eos: list, stats: dict):
+        self.prompts, self.max_new, self.pad, self.eos = prompts, max_new, pad, eos
+        self.stats = stats
+        self.order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        self.done = 0
+        self.out: list[list[int]] = [[] for _ in prompts]
+
+    def left(self) -> bool:
+        return self.done < len(self.order)
+
+    def longest_left(self) -> int:
+        return len(self.prompts[self.order[self.done]])
+
+    def run(self, model, rows: int, fast: bool, limit_bytes: int | None) -> None:
+        """The remaining prompts, `rows` at a time."""
+        self.stats["batch_size"] = rows
+        dense_weights = inference_weights(model, limit_bytes) if fast else contextlib.nullcontext()
+        with dense_weights as dense:
+            self.stats["dense_weights"] = bool(dense)
+            runner = Runner(model, rows, self.max_new, self.pad, self.eos) if fast else None
+            while self.left():
+                chunk = self.order[self.done : self.done + rows]
+                prompts = [self.prompts[i] for i in chunk]
+                started = time.perf_counter()
+                if runner:
+                    tokens = runner.generate(prompts)
+                else:
+                    tokens = plain_generate(model, prompts, self.max_new, self.pad, self.eos)
+                _account(self.stats, tokens, time.perf_counter() - started)
+                for i, ids in zip(chunk, tokens, strict=True):
+                    self.out[i] = ids
+                self.done += len(chunk)
+            self.stats["graphs"] = bool(runner and runner.graphed)
+
+
+def _account(stats: dict, tokens: list[list[int]], seconds: float) -> None:
+    generated = sum(len(t) for t in tokens)
+    stats["tokens"] += generated
+    stats["steps"] += max((len(t) for t in tokens), default=0)
+    stats["seconds"] += seconds
+    if stats["batches"]:  # the first batch pays one-off set-up (kernels, captures)
+        stats["after_first_s"] += seconds
+        stats["after_first_tokens"] += generated
+    stats["batches"] += 1
+
+
+def _release() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def end_tokens(model, tokenizer) -> list[int]:
+    """Token ids that end an answer: the generation config's (Qwen: <|im_end|>, <|endoftext|>)
+    and the tokenizer's end of sequence."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(ids))
+
+
+def _cut(ids: list[int], eos: list[int]) -> list[int]:
+    """The answer up to and with its first end token (what `generate` keeps visible)."""
+    for k, token in enumerate(ids):
+        if token in eos:
+            return ids[: k + 1]
+    return ids
+
+
+def _left_padded(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = torch.tensor(p)
+        mask[row, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def plain_generate(model, prompts, max_new: int, pad: int, eos: list[int]) -> list[list[int]]:
+    """`model.generate` as a user calls it: dynamic cache, greedy."""
+    ids, mask = _left_padded(prompts, pad, next(model.parameters()).device)
+    generated = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new,
+        do_sample=False,
+        pad_token_id=pad,
+        use_cache=True,
+    )
+    return [_cut(row, eos) for row in generated[:, ids.shape[1] :].tolist()]
+
+
+# --- the fast path --------------------------------------------------------------------------
+
+
+def parts(model):
+    """(decoder body, output head) of a causal LM, under PEFT's wrapper where there is one."""
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return causal.get_decoder(), causal.get_output_embeddings(), causal.config
+
+
+def cache_length(prompt_len: int, max_new: int) -> int:
+    return BUCKET * math.ceil((prompt_len + max_new) / BUCKET)
+
+
+def row_bytes(config, length: int, prompt_len: int, dtype_bytes: int = 2) -> int:
+    """Memory one batch row needs: its KV cache of `length` positions, and the prefill's
+    largest transient activations (the MLP's intermediate, a few hidden-size tensors) and the
+    last position's fp32 logits."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    cache = 2 * text.num_hidden_layers * kv_heads * head_dim * length * dtype_bytes
+    prefill = prompt_len * (3 * text.intermediate_size + 8 * text.hidden_size) * dtype_bytes
+    return cache + prefill + 4 * text.vocab_size
+
+
+def fitting_batch(model, job: Job, batch_size: int, limit_bytes: int | None) -> int:
+    """`batch_size`, or fewer rows where the longest remaining batch would not fit under
+    `limit_bytes` next to what the process holds now (CUDA; elsewhere no limit)."""
+    if not limit_bytes or not torch.cuda.is_available():
+        return batch_size
+    longest = job.longest_left()
+    need = row_bytes(parts(model)[2], cache_length(longest, job.max_new), longest)
+    free = limit_bytes - torch.cuda.memory_reserved() - MARGIN_BYTES
+    return max(1, min(batch_size, free // need))
+
+
+MARGIN_BYTES = 512 * 1024**2  # cuBLAS workspaces, the graph pool's slack, allocator rounding
+
+
+class Runner:
+    """Generates for batches of up to `rows` prompts: one `StaticCache` and one decode graph
+    per cache length (batches come longest first, so each length is set up once)."""
+
+    def __init__(
+        self, model, rows: int, max_new: int, pad: int, eos: list[int], keep_logits: bool = False
+    ):
+        self.body, self.head, self.config = parts(model)
+        # transformers renamed the decoder's cache argument (past_key_values -> cache)
+        names = inspect.signature(self.body.forward).parameters
+        self.cache_arg = "cache" if "cache" in names else "past_key_values"
+        self.keep_logits = keep_logits  # every step's logits kept in `step.logits` (tests)
+        self.device = next(model.parameters()).device
+        self.rows, self.max_new, self.pad = rows, max_new, pad
+        self.eos = torch.tensor(eos, device=self.device)
+        self.graphed = False
+        self.length = 0
+        self.step = None
+
+    def generate(self, prompts: list[list[int]]) -> list[list[int]]:
+        n = len(prompts)
+        prompts = prompts + [prompts[-1]] * (self.rows - n)  # a fixed batch: fill the last
+        length = cache_length(max(map(len, prompts)), self.max_new)
+        if length != self.length:
+            self.step = None  # the old cache and graph go before the new ones come
+            _release()
+            self.step = DecodeStep(self, length)
+            self.length = length
+        step = self.step
+        ids, mask = _left_padded(prompts, self.pad, self.device)
+        step.prefill(ids, mask)
+        for k in range(1, self.max_new):
+            step.run()
+            if k % CHECK_EVERY == 0 and bool(step.done.all()):
+                break
+        tokens = step.out[:n].tolist()
+        return [_cut(t, self.eos.tolist()) for t in tokens]
+
+
+class DecodeStep:
+    """A static cache of `length` positions and the buffers of one decode step: the current
+    tokens, their positions, the attention mask over the cache, the next cache slot, the
+    answers so far and which rows are done. `run` advances one token: a CUDA graph replay on
+    CUDA (captured at the first call), the same code eagerly elsewhere."""
+
+    def __init__(self, runner: Runner, length: int):
+        from transformers import StaticCache
+
+        self.r = runner
+        rows, device = runner.rows, runner.device
+        self.cache = StaticCache(config=runner.config, max_cache_len=length)
+        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.mask = torch.zeros(rows, 1, 1, length, dtype=torch.bool, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.index = torch.zeros(1, dtype=torch.long, device=device)
+        self.out = torch.full((rows, runner.max_new), runner.pad, dtype=torch.long, device=device)
+        self.done = torch.zeros(rows, dtype=torch.bool, device=device)
+        vocab = runner.head.weight.shape[0]
+        shape = (rows, runner.max_new, vocab) if runner.keep_logits else (0,)
+        self.logits = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.graph = None
+        self.cuda = device.type == "cuda"
+        # sdpa takes the boolean mask; eager attention adds a float one
+        self.additive = getattr(runner.config, "_attn_implementation", "sdpa") == "eager"
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """The prompts into the cache (eagerly: one call per batch), the first token from the
+        last position's logits, the decode buffers set for the next step."""
+        self.cache.reset()
+        width = ids.shape[1]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as `generate`: padding at 0
+        hidden = self.r.body(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
             use_cache=True,
-        )
-        for row, i in enumerate(rows):
-            out[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
-    model.train(was_training)
+            **{self.r.cache_arg: self.cache},
+        ).last_hidden_state
+        logits = self.r.head(hidden[:, -1])
+        first = logits.argmax(-1)
+        if self.r.keep_logits:
+            self.logits[:, 0] = logits.float()
+        self.tokens.copy_(first[:, None])
+        self.positions.copy_(mask.sum(-1, keepdim=True))
+        self.mask.zero_()
+        self.mask[:, 0, 0, :width] = mask.bool()
+        self.slot.fill_(width)
+        self.out.fill_(self.r.pad)
+        self.out[:, 0] = first
+        self.index.fill_(1)
+        self.done.copy_(torch.isin(first, self.r.eos))
+
+    def _step(self) -> None:
+        self.mask.index_fill_(-1, self.slot, True)  # the slot this token's keys go into
+        mask = self.mask
+        if self.additive:
+            low = torch.finfo(self.r.head.weight.dtype).min
+            mask = torch.zeros(mask.shape, dtype=self.r.head.weight.dtype, device=mask.device)
+            mask = mask.masked_fill(~self.mask, low)
+        hidden = self.r.body(
+            input_ids=self.tokens,
+            attention_mask=mask,  # 4-D: used as is, no mask building (no host sync)
+            position_ids=self.positions,
+            use_cache=True,
+            **{self.r.cache_arg: self.cache},
+        ).last_hidden_state
+        logits = self.r.head(hidden[:, -1])
+        if self.r.keep_logits:
+            self.logits.index_copy_(1, self.index, logits.float()[:, None])
+        token = torch.where(self.done, self.r.pad, logits.argmax(-1))
+        self.out.index_copy_(1, self.index, token[:, None])
+        self.done |= torch.isin(token, self.r.eos)
+        self.tokens.copy_(token[:, None])
+        self.positions.add_(1)
+        self.slot.add_(1)
+        self.index.add_(1)
+
+    def run(self) -> None:
+        if not self.cuda:
+            self._step()
+            return
+        if self.graph is None:
+            self.graph = self._capture()
+            self.r.graphed = True
+        self.graph.replay()
+
+    def _capture(self) -> torch.cuda.CUDAGraph:
+        """Warm the step up twice on a side stream (lazy cuBLAS and Triton set-up may not
+        happen inside a capture), put every buffer back as it was, capture."""
+        saved = self._state()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        self._restore(saved)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self._step()
+        return graph
+
+    def _state(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        counters = [layer.cumulative_length for layer in self.cache.layers]
+        mutable = [
+            self.tokens,
+            self.positions,
+            self.mask,
+            self.slot,
+            self.index,
+            self.out,
+            self.done,
+        ]
+        return [(t, t.clone()) for t in [*mutable, *counters]]
+
+    @staticmethod
+    def _restore(saved) -> None:
+        for tensor, copy in saved:
+            tensor.copy_(copy)
+
+
+# --- dense weights while generating ---------------------------------------------------------
+
+
+@contextlib.contextmanager
+def inference_weights(model, limit_bytes: int | None):
+    """While inside: every LoRA layer (and every 4-bit linear layer) computes with one dense
+    weight, base + scale x B @ A in the compute dtype, when all of them fit under `limit_bytes`
+    next to what the process holds now (no limit given, or no CUDA: never on the GPU, always
+    on the CPU, where bitsandbytes dequantizes per call and memory is host memory). Yields
+    whether it did. The adapters and the base stay as they were."""
+    layers = _dense_candidates(model)
+    if not layers or not _fits(layers, limit_bytes):
+        yield False
+        return
+    patched = []
+    try:
+        for module, base in layers:
+            weight = _merged_weight(module, base)
+            had = "forward" in module.__dict__
+            patched.append((module, had, module.__dict__.get("forward")))
+            module.forward = _DenseForward(weight, base.bias)
+        yield True
+    finally:
+        for module, had, old in patched:
+            if had:
+                module.forward = old
+            else:
+                del module.forward
+        del patched
+        _release()
+
+
+def _dense_candidates(model) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
+    """(module to patch, its base linear layer): PEFT LoRA layers with one active adapter,
+    and 4-bit linear layers outside them."""
+    from src.fused_lora import quantized
+
+    out, inside = [], set()
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if base is not None and hasattr(module, "lora_A") and isinstance(base, torch.nn.Linear):
+            if getattr(module, "merged", False) or len(module.active_adapters) > 1:
+                return []  # a state this does not model: leave the model alone
+            out.append((module, base))
+            inside.add(id(base))
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and quantized(module) and id(module) not in inside:
+            out.append((module, module))
     return out
+
+
+def _compute_dtype(base) -> torch.dtype:
+    from src.fused_lora import quantized
+
+    if quantized(base):
+        return getattr(base, "compute_dtype", None) or torch.bfloat16
+    return base.weight.dtype
+
+
+def _fits(layers, limit_bytes: int | None) -> bool:
+    if not torch.cuda.is_available():
+        return True
+    if not limit_bytes:
+        return False
+    need = sum(b.out_features * b.in_features for _, b in layers) * 2
+    return torch.cuda.memory_reserved() + need + MARGIN_BYTES < limit_bytes
+
+
+def _merged_weight(module, base) -> torch.Tensor:
+    from src.fused_lora import base_weight
+
+    dtype = _compute_dtype(base)
+    weight = base_weight(base).to(torch.float32)
+    if module is not base and not getattr(module, "disable_adapters", False):
+        for name in module.active_adapters:
+            if name in module.lora_A:
+                a, b = module.lora_A[name].weight, module.lora_B[name].weight
+                weight += module.scaling[name] * (b.float() @ a.float())
+    return weight.to(dtype)
+
+
+class _DenseForward:
+    """The patched forward: one matmul with the merged weight (the output in the input's
+    dtype, as bitsandbytes and PEFT give it)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight, self.bias = weight, bias
+
+    def __call__(self, x, *args, **kwargs):
+        bias = None if self.bias is None else self.bias.to(self.weight.dtype)
+        return F.linear(x.to(self.weight.dtype), self.weight, bias).to(x.dtype)

@@ -52,8 +52,32 @@ def cap(budget_gib: float) -> float | None:
     return fraction
 
 
+def _cpu_peak_bytes() -> int:
+    """This process's peak resident memory since start or since the last `_reset_cpu_peak`
+    (Linux's VmHWM; elsewhere getrusage's lifetime peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _reset_cpu_peak() -> bool:
+    """Start the peak resident memory anew (Linux >= 4.0: "5" to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 class PeakMemory:
-    """Start before loading the model; `read()` at the end.
+    """Start before loading the model; `phase()` when training ends (its peak is the trial's
+    memory objective, what the configuration needs); `read()` at the end (the evaluation's).
 
     On CUDA the recorded peak is what the process held on the card, as NVML counts it: the
     caching allocator's peak reservation plus what lies outside it (CUDA context, cuBLAS
@@ -66,6 +90,7 @@ class PeakMemory:
         self.nvml_peak = 0
         self.nvml_now = 0
         self.allocated_gib = self.reserved_gib = None
+        self.phase_peak: float | None = None  # the last `phase()`'s peak, GiB
         self._stop = threading.Event()
         self._thread = None
         if self.cuda:
@@ -96,8 +121,22 @@ class PeakMemory:
             return reserved
         return reserved + max(0, self.nvml_now - torch.cuda.memory_reserved()) / GIB
 
+    def phase(self) -> tuple[float, int]:
+        """The peak of the phase that ends now (GiB, as `read()` computes it) and the caching
+        allocator's reserved peak in it (bytes; 0 on the CPU); measuring starts anew from
+        what the process holds now. Free what the phase no longer needs before calling it."""
+        if self.cuda:
+            peak, reserved = self.so_far(), torch.cuda.max_memory_reserved()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            peak, reserved = _cpu_peak_bytes() / GIB, 0
+            _reset_cpu_peak()
+        self.phase_peak = peak
+        return peak, reserved
+
     def read(self) -> tuple[float, str, float | None]:
-        """(peak GiB, what it measured, NVML peak GiB or None)."""
+        """(peak GiB since the start or the last `phase()`, what it measured, NVML peak GiB of
+        the whole process or None)."""
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=2)  # its last sample is taken now
@@ -106,5 +145,4 @@ class PeakMemory:
             self.reserved_gib = torch.cuda.max_memory_reserved() / GIB
             kind = "cuda_process" if self.nvml_now else "cuda_reserved"
             return self.so_far(), kind, (self.nvml_peak / GIB if self.nvml_now else None)
-        rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-        return rss_kib * 1024 / GIB, "cpu_rss", None
+        return _cpu_peak_bytes() / GIB, "cpu_rss", None

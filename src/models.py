@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from src import speed
@@ -155,6 +155,26 @@ def add_lora(
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def plain_lora(source: str, r: int, alpha: float, dropout: float, dtype=None):
+    """The plain QLoRA recipe as its tutorials write it, the baseline of the benchmarks: 4-bit
+    base, `prepare_model_for_kbit_training` (fp32 upcast of the other weights, checkpointing
+    on), PEFT LoRA on all linear layers."""
+    model = load_4bit_model(source, dtype or compute_dtype("auto"))
+    model = prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules="all-linear",
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)

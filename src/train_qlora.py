@@ -8,6 +8,7 @@ progress lines go to stdout (see src/progress.py). Runs alone too, for debugging
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
 from objectives import OBJECTIVES
 from src import cuda_graphs, fused_lora, models, speed
@@ -41,6 +42,7 @@ def main(spec_path: Path) -> TrialResult:
         if not is_out_of_memory(err):
             raise
         peak, kind, nvml = memory.read()
+        peak = max(peak, memory.phase_peak or 0.0)  # the memory reached, in either phase
         emit("oom", peak_gib=peak)
         result = TrialResult(
             status=Status.INFEASIBLE,
@@ -65,9 +67,15 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 def train_and_evaluate(spec: dict, memory: PeakMemory, started: float) -> TrialResult:
     out_dir, train_cfg, params = Path(spec["out_dir"]), spec["train"], spec["params"]
+    plain = spec.get("recipe") == "plain"  # the whole-trial benchmark's baseline
+    clock = Clock()
     set_seed(train_cfg["seed"])
     speed.attention_backends(train_cfg.get("cudnn_attention", False))
-    model, tokenizer = setup(spec["model"], params, train_cfg, Path(spec["cache_dir"]))
+    if plain:
+        model, tokenizer = plain_setup(spec["model"], params, train_cfg, Path(spec["cache_dir"]))
+    else:
+        model, tokenizer = setup(spec["model"], params, train_cfg, Path(spec["cache_dir"]))
+    clock.lap("load")
     objective = OBJECTIVES[spec["task"]]
     data_dir = Path(spec["data_dir"]) if spec["data_dir"] else None
     train_rows, val_rows, eval_rows = objective.load(
@@ -92,24 +100,43 @@ def train_and_evaluate(spec: dict, memory: PeakMemory, started: float) -> TrialR
         params["lr"],
         out_dir,
         memory,
+        plain,
     )
+    clock.lap("data")
     trainer.train()
+    clock.lap("train_loop")
     speed.decompile_layers(model)
-    emit("evaluating", examples=len(eval_rows))
-    metrics = objective.evaluate(model, tokenizer, eval_rows, eval_settings(spec), out_dir)
-    weights = out_dir / ("model" if params.get("method") == "full" else "adapter")
-    model.save_pretrained(weights)  # LoRA: the adapter weights only; safetensors
-    tokenizer.save_pretrained(weights)
-
-    peak, kind, nvml = memory.read()
-    trainable, total = models.count_params(model)
+    save_weights(model, tokenizer, out_dir, params)  # before evaluation: never lost to it
+    clock.lap("saving")
     # real tokens: without the padding that gives CUDA graphs fixed shapes
     tokens = int(trainer.state.num_input_tokens_seen) - getattr(trainer.data_collator, "padding", 0)
     val_losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    steps = trainer.state.global_step
+    release_training(trainer)
+    train_peak, train_reserved = memory.phase()  # the objective: what the configuration needs
+
+    emit("evaluating", examples=len(eval_rows), train_peak_gib=round(train_peak, 3))
+    generation: dict = {}
+    settings = eval_settings(spec) | {
+        "fast_generation": not plain,
+        # evaluation stays within what training needed (CUDA; the budget caps it anyway)
+        "memory_limit_bytes": train_reserved or None,
+        "generation_stats": generation,
+    }
+    metrics = objective.evaluate(model, tokenizer, eval_rows, settings, out_dir)
+    clock.lap("evaluation")
+    eval_peak, kind, nvml = memory.read()
+    trainable, total = models.count_params(model)
+    phases = clock.phases | {
+        "training": progress.train_seconds,
+        "validation": trainer.validation_seconds,
+        "generation": generation.get("seconds", 0.0),
+    }
     result = TrialResult(
         status=Status.SUCCESS,
         metrics=metrics,
-        peak_memory_gib=peak,
+        peak_memory_gib=train_peak,
+        eval_peak_memory_gib=eval_peak,
         memory_kind=kind,
         nvml_peak_gib=nvml,
         trainable_params=trainable,
@@ -118,14 +145,51 @@ def train_and_evaluate(spec: dict, memory: PeakMemory, started: float) -> TrialR
         train_tokens_per_s=tokens / progress.train_seconds if progress.train_seconds else 0.0,
         train_seconds=progress.train_seconds,
         wall_seconds=time.perf_counter() - started,
-        steps=trainer.state.global_step,
+        steps=steps,
         last_val_loss=val_losses[-1] if val_losses else None,
+        phases={k: round(v, 3) for k, v in phases.items()},
+        generation=generation,
         device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         versions=package_versions(),
         git=git_state(Path(__file__).resolve().parent.parent),
     )
     result.save(out_dir / "result.json")
     return result
+
+
+class Clock:
+    """Seconds per phase of the trial, each from the end of the one before."""
+
+    def __init__(self):
+        self.phases: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = now - self._last
+        self._last = now
+
+
+def save_weights(model, tokenizer, out_dir: Path, params: dict) -> Path:
+    """The adapter (LoRA: its weights only) or the fully fine-tuned model, as safetensors,
+    with the tokenizer."""
+    weights = out_dir / ("model" if params.get("method") == "full" else "adapter")
+    model.save_pretrained(weights)
+    tokenizer.save_pretrained(weights)
+    emit("saved", folder=weights.name)
+    return weights
+
+
+def release_training(trainer) -> None:
+    """Free what only training needed (optimizer state, gradients, the Trainer's and
+    Accelerate's references to them, cached blocks), so evaluation starts from the model
+    alone and its peak is its own."""
+    trainer.model.zero_grad(set_to_none=True)
+    trainer.optimizer = trainer.lr_scheduler = None
+    trainer.accelerator.free_memory()  # drops its references; gc + empty_cache
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def eval_settings(spec: dict) -> dict:
@@ -186,6 +250,22 @@ def setup(model_spec: dict, params: dict, train_cfg: dict, cache_dir: Path):
     return model, tokenizer
 
 
+def plain_setup(model_spec: dict, params: dict, train_cfg: dict, cache_dir: Path):
+    """The plain recipe (src/models.plain_lora) on the trial's model and LoRA parameters, for
+    the whole-trial benchmark (`python -m sweep bench --whole-trial`)."""
+    source = models.model_source(model_spec["id"], model_spec["path"], model_spec["package"],
+                                 model_spec["gguf_file"], cache_dir)  # fmt: skip
+    model = models.plain_lora(
+        source,
+        params["r"],
+        params["lora_alpha"],
+        params["dropout"],
+        models.compute_dtype(train_cfg["compute_dtype"]),
+    )
+    emit("model", source=source, method="qlora", recipe="plain")
+    return model, models.load_tokenizer(source)
+
+
 def graphs_on(train_cfg: dict, method: str) -> bool:
     """CUDA graphs over the checkpointed layers: asked for, on CUDA, with checkpointing, for
     adapters. Full fine-tuning keeps eager layers: each graph holds static gradients of every
@@ -207,10 +287,13 @@ def build_trainer(
     lr: float,
     out_dir: Path,
     memory: PeakMemory | None = None,
+    plain: bool = False,
 ) -> tuple[Trainer, ProgressCallback]:
     """HF Trainer over tokenized datasets; `train_cfg["micro_batch"]` splits each batch into
-    micro-batches with gradient accumulation (same optimizer steps, less activation memory)."""
+    micro-batches with gradient accumulation (same optimizer steps, less activation memory).
+    `plain`: the plain recipe's padded batches (the whole-trial benchmark's baseline)."""
     cuda = torch.cuda.is_available()
+    packing = train_cfg["packing"]
     micro = train_cfg["micro_batch"] or train_cfg["batch_size"]
     args = TrainingArguments(
         output_dir=str(out_dir / "hf"),
@@ -233,7 +316,7 @@ def build_trainer(
         # checkpointing is already set up per layer (src/speed.py); the Trainer would redo all
         gradient_checkpointing=False,
         # padding-free batches have no padding to leave out of the count
-        include_num_input_tokens_seen="all" if train_cfg["packing"] else "non_padding",
+        include_num_input_tokens_seen="non_padding" if plain or not packing else "all",
         seed=train_cfg["seed"],
         disable_tqdm=True,
         dataloader_pin_memory=cuda,
@@ -245,9 +328,9 @@ def build_trainer(
         train_dataset=train_set,
         eval_dataset=val_set,
         # graphs replay fixed shapes: batches padded to a few lengths
-        data_collator=speed.collator(
-            tokenizer, train_cfg["packing"], cuda, cuda_graphs.installed(model)
-        ),
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True)
+        if plain
+        else speed.collator(tokenizer, train_cfg["packing"], cuda, cuda_graphs.installed(model)),
         callbacks=[progress],
     )
     return trainer, progress
@@ -260,6 +343,14 @@ class TrialTrainer(Trainer):
     docs/bench/README.md). The Trainer's docs ask for a subclass to change it."""
 
     _parameters: int | None = None
+    validation_seconds = 0.0  # the validation losses' share of the training loop
+
+    def evaluate(self, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.validation_seconds += time.perf_counter() - started
 
     def floating_point_ops(self, inputs: dict) -> int:
         if "input_ids" not in inputs or not hasattr(self.model, "num_parameters"):

@@ -116,7 +116,12 @@ def cmd_score(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from sweep import bench
 
-    bench.overhead(args) if args.overhead else bench.run(args)
+    if args.whole_trial:
+        from sweep import whole_trial
+
+        whole_trial.run(args)
+    else:
+        bench.overhead(args) if args.overhead else bench.run(args)
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
@@ -133,7 +138,12 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=8, help="measured steps (median; default 8)")
     p.add_argument("--warmup", type=int, default=3, help="steps before measuring (default 3)")
     p.add_argument("--rounds", type=int, default=1, help="plain/trial alternations (default 1)")
-    p.add_argument("--study", default="sst2", help="whose [train] table the trial path uses")
+    p.add_argument(
+        "--study",
+        default="sst2",
+        help="the study whose settings the bench uses ([train]; --whole-trial and --overhead: "
+        "its data, [eval] and task too)",
+    )
     p.add_argument(
         "--variant",
         action="append",
@@ -155,6 +165,12 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
         "--overhead",
         action="store_true",
         help="time one real trial of --study (--steps steps) instead",
+    )
+    p.add_argument(
+        "--whole-trial",
+        action="store_true",
+        help="one whole trial of --study on --model, plain recipe + model.generate against "
+        "the trial path, per phase (docs/bench/whole-trial-STUDY-SHAPE.json)",
     )
     p.add_argument(
         "--set",
@@ -220,6 +236,12 @@ def _run_args(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="trials sharing a GPU run through a CUDA MPS daemon of the sweep (auto: where "
         "nvidia-cuda-mps-control is installed and none runs yet; off: time-sliced)",
+    )
+    p.add_argument(
+        "--whole-trial",
+        action="store_true",
+        help="one whole trial of --study on --model, plain recipe + model.generate against "
+        "the trial path, per phase (docs/bench/whole-trial-STUDY-SHAPE.json)",
     )
     p.add_argument(
         "--set",

@@ -38,7 +38,8 @@ class Status(enum.StrEnum):
 class TrialResult:
     status: Status
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
-    peak_memory_gib: float | None = None
+    peak_memory_gib: float | None = None  # training's peak: the memory objective
+    eval_peak_memory_gib: float | None = None  # evaluation's, measured apart (same kind)
     memory_kind: str = ""  # "cuda_process" (as NVML counts), "cuda_reserved" or "cpu_rss"
     nvml_peak_gib: float | None = None
     trainable_params: int = 0
@@ -49,6 +50,8 @@ class TrialResult:
     wall_seconds: float = 0.0
     steps: int = 0
     last_val_loss: float | None = None
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per phase
+    generation: dict = dataclasses.field(default_factory=dict)  # src/generation.py's stats
     device: str = ""
     error: str = ""
     versions: dict[str, str] = dataclasses.field(default_factory=dict)

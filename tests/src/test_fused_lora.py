@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from src import bench, fused_lora
+from src import fused_lora, models
 
 
 class Tiny(torch.nn.Module):
@@ -70,7 +70,7 @@ def test_eval_mode_has_no_dropout():
 
 
 def test_every_lora_layer_of_a_4bit_model_is_fused(tiny_model):
-    model = bench.plain_model(str(tiny_model), 4, 8, 0.1, torch.float32)
+    model = models.plain_lora(str(tiny_model), 4, 8, 0.1, torch.float32)
     keys = set(model.state_dict())
     assert fused_lora.fuse_lora(model) == 2 * 7  # 7 linear layers in each of 2 decoder layers
     assert set(model.state_dict()) == keys  # the adapter saves as before

@@ -39,7 +39,7 @@ def test_bf16_trial_path_matches_plain_recipe(tiny_model, tmp_path):
     bf16; the loss and the LoRA gradients must still agree: relative error of all LoRA
     gradients < 1e-2, of each tensor < 2e-2 (measured 0.74 % and 1.2 %: bf16 rounding)."""
     batch = torch.randint(100, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
-    plain = bench.plain_model(str(tiny_model), 4, 8, 0.0, torch.bfloat16)
+    plain = models.plain_lora(str(tiny_model), 4, 8, 0.0, torch.bfloat16)
     assert any(p.dtype == torch.float32 for p in plain.parameters() if not p.requires_grad)
     want = bench.loss_and_grads(plain, batch)
     trial = _trial(tiny_model, tmp_path, compute_dtype="bfloat16")
@@ -53,7 +53,7 @@ def test_bf16_trial_path_matches_plain_recipe(tiny_model, tmp_path):
 
 def test_fp32_trial_path_equals_plain_recipe(tiny_model, tmp_path):
     batch = torch.randint(100, 1000, (2, 32), generator=torch.Generator().manual_seed(1))
-    want = bench.loss_and_grads(bench.plain_model(str(tiny_model), 4, 8, 0.0, torch.float32), batch)
+    want = bench.loss_and_grads(models.plain_lora(str(tiny_model), 4, 8, 0.0, torch.float32), batch)
     check = bench.compare(want, bench.loss_and_grads(_trial(tiny_model, tmp_path), batch))
     assert check["loss_rel_diff"] < 1e-6 and check["grad_rel_err_max"] < 1e-5
 

@@ -1,0 +1,272 @@
+"""`python -m sweep bench --whole-trial --study NAME --model SHAPE`: one whole trial of a
+study's real rows and settings, as the plain recipe would run it and as a trial runs it.
+
+Each runs in a process of its own (`python -m src.train_qlora spec.json`, as in a sweep),
+alternating for `--rounds`:
+
+- plain: the plain QLoRA recipe with the Trainer's bf16 autocast (src/models.plain_lora,
+  padded batches), then `model.generate` on the trained PEFT model as a user calls it (4-bit
+  base + adapter, dynamic cache, the study's evaluation batch size);
+- trial: the trial path (src/train_qlora.setup, src/generation's fast path).
+
+Both train the same LoRA parameters on the same rows and answer the same questions with the
+same cap on new tokens (random weights never stop early). Per phase (from the trial's own
+clock, result.json's `phases`), training and generated tokens/s (generation after the first
+batch, which pays one-off set-up in both), peaks of training and evaluation; written to
+docs/bench/whole-trial-<study>-<shape>.json and .md. No torch here: the sweep side only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from sweep import config, trial, trial_process
+from sweep.errors import ConfigError
+
+RECIPES = ("plain", "trial")
+# dense bf16 tensor rate per card (vendor figures) for MFU; other cards get none
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "RTX 3090": 71.0, "RTX 4090": 165.0}
+
+
+def run(args) -> Path:
+    """Measure; returns the Markdown file written."""
+    if args.rounds <= 0:
+        raise ConfigError(f"must be > 0 (got {args.rounds})", "--rounds")
+    if args.study not in config.load(args.config).studies:
+        raise ConfigError(f"unknown study {args.study!r}", "--study")
+    # no memory cap: the plain recipe on a large shape needs more than the default 24 GiB
+    # budget, and the comparison is of speed; both peaks are measured all the same
+    cfg = config.load(args.config, [*args.set, "vram_budget_gb=0"], study=args.study)
+    study_cfg = cfg.studies[args.study]
+    model_dir, shape = checkpoint(args, cfg)
+    model = config.Model(alias=f"random-{shape}", path=model_dir)
+    cfg = dataclasses.replace(cfg, models={**cfg.models, model.alias: model})
+    params = {
+        "model": model.alias,
+        "method": "qlora",
+        "r": args.rank,
+        "lora_alpha": 2 * args.rank,
+        "lr": 2e-4,
+        "dropout": args.dropout,
+    }
+    work = Path(tempfile.mkdtemp(prefix="sweep-whole-trial-"))
+    runs: dict[str, list[dict]] = {name: [] for name in RECIPES}
+    try:
+        for round_ in range(args.rounds):
+            for recipe in RECIPES:
+                print(f"whole trial: {recipe}, round {round_ + 1} of {args.rounds}", flush=True)
+                folder = work / f"{recipe}-{round_}"
+                folder.mkdir()
+                runs[recipe].append(one_trial(cfg, study_cfg, params, folder, recipe))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = summarize(runs, args, study_cfg, shape)
+    return write(result, args.out)
+
+
+def checkpoint(args, cfg) -> tuple[Path, str]:
+    """(folder, shape): a random-weight Qwen2.5 shape built once under the cache (a child
+    process: torch), or a model folder given as is."""
+    from sweep.bench import SHAPES, _model
+
+    folder, shape = _model(args, cfg)
+    if shape in SHAPES and not (folder / "config.json").is_file():
+        command = ["-m", "src.random_qwen", "--shape", shape, "--tokenizer", str(args.tokenizer)]
+        done = subprocess.run(
+            [sys.executable, *command, "--out", str(folder)],
+            cwd=trial_process.PROJECT_ROOT,
+            env=trial_process.child_env(),
+        )
+        if done.returncode:
+            raise SystemExit(f"error: building the {shape} checkpoint failed")
+    return folder, shape
+
+
+def one_trial(cfg, study_cfg, params: dict, folder: Path, recipe: str) -> dict:
+    """One trial process from start to exit: its result.json, with the wall time seen from
+    here and when each progress event arrived."""
+    spec_path = trial.write_spec(cfg, study_cfg, params, folder)
+    spec = json.loads(spec_path.read_text())
+    spec["recipe"] = recipe
+    spec_path.write_text(json.dumps(spec, indent=2))
+    seen: dict[str, float] = {}
+
+    def arrived(event: dict) -> bool:
+        seen.setdefault(event["event"], time.perf_counter())
+        return False  # never stop it
+
+    started = time.perf_counter()
+    trial_process.follow(trial_process.launch(spec_path, {}), folder / "log.txt", arrived)
+    wall = time.perf_counter() - started
+    result_path = folder / "result.json"
+    if not result_path.is_file():
+        log = folder / "stderr.log"
+        tail = log.read_text()[-3000:] if log.is_file() else ""
+        raise SystemExit(f"error: the {recipe} trial wrote no result\n{tail}")
+    outcome = json.loads(result_path.read_text())
+    if outcome["status"] != "success":
+        raise SystemExit(f"error: the {recipe} trial ended {outcome['status']}: {outcome['error']}")
+    outcome["process_wall_s"] = wall
+    outcome["start_s"] = seen.get("start", started) - started  # process start and imports
+    return outcome
+
+
+def measures(outcome: dict) -> dict:
+    """What the comparison reads from one trial's result."""
+    gen = outcome.get("generation") or {}
+    phases = dict(outcome.get("phases") or {})
+    phases["process_start"] = outcome["start_s"]
+    evaluation = phases.get("evaluation", 0.0)
+    phases["scoring_and_judging"] = max(0.0, evaluation - gen.get("seconds", 0.0))
+    tokens_per_s = outcome["train_tokens_per_s"]
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in outcome.get("device", "")), None)
+    params = outcome.get("total_params") or 0
+    return {
+        "wall_s": outcome["process_wall_s"],
+        "phases_s": phases,
+        "train_tokens": outcome["train_tokens"],
+        "train_tokens_per_s": tokens_per_s,
+        "mfu": 6 * params * tokens_per_s / (peak * 1e12) if peak else None,
+        "generated_tokens": gen.get("tokens"),
+        "generated_tokens_per_s": _rate(gen.get("tokens"), gen.get("seconds")),
+        "generated_tokens_per_s_after_first_batch": _rate(
+            gen.get("after_first_tokens"), gen.get("after_first_s")
+        ),
+        "generation": gen,
+        "peak_gib": {"train": outcome["peak_memory_gib"], "eval": outcome["eval_peak_memory_gib"]},
+        "nvml_peak_gib": outcome.get("nvml_peak_gib"),
+        "memory_kind": outcome.get("memory_kind"),
+        "metrics": outcome.get("metrics"),
+        "last_val_loss": outcome.get("last_val_loss"),
+        "device": outcome.get("device"),
+    }
+
+
+def _rate(tokens, seconds) -> float | None:
+    return tokens / seconds if tokens and seconds else None
+
+
+def _median(rows: list[dict], *path: str):
+    values = []
+    for row in rows:
+        value = row
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is not None:
+            values.append(value)
+    return statistics.median(values) if values else None
+
+
+def summarize(runs: dict[str, list[dict]], args, study_cfg, shape: str) -> dict:
+    per = {name: [measures(o) for o in outcomes] for name, outcomes in runs.items()}
+    plain, fast = per["plain"], per["trial"]
+
+    def ratio(*path, inverse=False):
+        a, b = _median(plain, *path), _median(fast, *path)
+        if not a or not b:
+            return None
+        return a / b if inverse else b / a
+
+    gen_key = "generated_tokens_per_s_after_first_batch"
+    return {
+        "study": args.study,
+        "shape": shape,
+        "date": datetime.date.today().isoformat(),
+        "command": "python -m sweep bench " + " ".join(sys.argv[2:]),
+        "device": fast[0]["device"],
+        "rounds": args.rounds,
+        "settings": {
+            "task": study_cfg.task,
+            "train": trial.jsonable(dataclasses.asdict(study_cfg.train)),
+            "eval": trial.jsonable(dataclasses.asdict(study_cfg.eval)),
+            "rank": args.rank,
+        },
+        "plain": {"median": _medians(plain), "runs": plain},
+        "trial": {"median": _medians(fast), "runs": fast},
+        "ratio": {
+            "whole_trial": ratio("wall_s", inverse=True),
+            "training": ratio("train_tokens_per_s"),
+            "generation": ratio(gen_key),
+            "generation_all_batches": ratio("generated_tokens_per_s"),
+            "evaluation_phase": ratio("phases_s", "evaluation", inverse=True),
+        },
+        "peak_gib": {
+            "train": _median(fast, "peak_gib", "train"),
+            "eval": _median(fast, "peak_gib", "eval"),
+        },
+        "eval_within_train_peak": all(
+            r["peak_gib"]["eval"] <= r["peak_gib"]["train"] for r in fast if r["peak_gib"]["eval"]
+        ),
+    }
+
+
+def _medians(rows: list[dict]) -> dict:
+    keys = ("wall_s", "train_tokens_per_s", "mfu", "generated_tokens_per_s")
+    out = {k: _median(rows, k) for k in keys}
+    out["generated_tokens_per_s_after_first_batch"] = _median(
+        rows, "generated_tokens_per_s_after_first_batch"
+    )
+    out["phases_s"] = {k: _median(rows, "phases_s", k) for k in rows[0]["phases_s"]}
+    out["peak_gib"] = {k: _median(rows, "peak_gib", k) for k in ("train", "eval")}
+    return out
+
+
+def markdown(result: dict) -> str:
+    plain, fast, ratio = result["plain"]["median"], result["trial"]["median"], result["ratio"]
+    lines = [
+        f"# Whole trial: {result['study']} on the Qwen2.5-{result['shape']} shape\n",
+        f"{result['date']} · {result['device']} · {result['rounds']} round(s), each trial a "
+        f"process of its own, alternating · `{result['command']}`\n",
+        "| | plain | trial | x |",
+        "|---|---|---|---|",
+        f"| whole trial, process start to exit (s) | {_num(plain['wall_s'], 1)} | "
+        f"{_num(fast['wall_s'], 1)} | {_num(ratio['whole_trial'])} |",
+        f"| training tokens/s (real batches) | {_num(plain['train_tokens_per_s'], 0)} | "
+        f"{_num(fast['train_tokens_per_s'], 0)} | {_num(ratio['training'])} |",
+        f"| MFU | {_pct(plain['mfu'])} | {_pct(fast['mfu'])} | |",
+        f"| generated tokens/s after the first batch | "
+        f"{_num(plain['generated_tokens_per_s_after_first_batch'], 0)} | "
+        f"{_num(fast['generated_tokens_per_s_after_first_batch'], 0)} | "
+        f"{_num(ratio['generation'])} |",
+        f"| generated tokens/s, all batches | {_num(plain['generated_tokens_per_s'], 0)} | "
+        f"{_num(fast['generated_tokens_per_s'], 0)} | {_num(ratio['generation_all_batches'])} |",
+        f"| peak GiB, training (the objective) | {_num(plain['peak_gib']['train'])} | "
+        f"{_num(fast['peak_gib']['train'])} | |",
+        f"| peak GiB, evaluation | {_num(plain['peak_gib']['eval'])} | "
+        f"{_num(fast['peak_gib']['eval'])} | |",
+        "",
+        "| phase (s) | plain | trial |",
+        "|---|---|---|",
+    ]
+    for name in fast["phases_s"]:
+        lines.append(
+            f"| {name} | {_num(plain['phases_s'].get(name), 1)} | "
+            f"{_num(fast['phases_s'][name], 1)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _num(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f} %"
+
+
+def write(result: dict, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"whole-trial-{result['study']}-{result['shape']}.md"
+    path.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    path.write_text(markdown(result))
+    print(path.read_text())
+    return path

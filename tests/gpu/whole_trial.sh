@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# issue 17 on the GPU machine: the fast generation's GPU tests, then the whole-trial benchmark
+# (plain recipe + model.generate against the trial path) on AlpacaEval with the 0.5B shape and
+# on SQuAD with the 7B shape. Results (JSON + Markdown) go to $1/bench.
+#   bash tests/gpu/whole_trial.sh OUT_DIR [alpacaeval|squad|tests ...]
+set -u
+out=${1:?OUT_DIR}/bench; shift; what=${*:-tests alpacaeval squad}; started=$SECONDS
+data="data.dir=$PWD/data/gpu-sample"; mkdir -p "$out"
+quiet() { grep -vE "SWEEP_PROGRESS|Loading|Warning|warn|^\s*$" || true; }
+for step in $what; do
+  case $step in
+  tests)
+    python3 -m src.random_qwen --shape 0.5B --tokenizer data/gpu-tokenizer \
+      --out /tmp/qwen2.5-0.5b-random >/dev/null || exit 1
+    SWEEP_GPU_MODEL=/tmp/qwen2.5-0.5b-random python3 -m pytest -m gpu -q -p no:cacheprovider \
+      tests/gpu/test_generation.py 2>&1 | tail -15 ;;
+  alpacaeval)  # 64 instructions, 512 new tokens; the judge left out (no key: win rate unset)
+    python3 -m sweep bench --whole-trial --study alpacaeval --model 0.5B \
+      --tokenizer data/gpu-tokenizer --out "$out" --set "$data" --set train.max_steps=100 \
+      --set eval.max_examples=64 --set eval.max_new_tokens=512 \
+      --set 'eval.judge={name="openai", model="none", api_key_env="SWEEP_NO_JUDGE"}' 2>&1 | quiet ;;
+  squad)  # the squad study's batch, sequence length and new tokens; 100 steps, 1,000 questions
+    python3 -m sweep bench --whole-trial --study squad --model 7B \
+      --tokenizer data/gpu-tokenizer --out "$out" --set "$data" --set train.max_steps=100 \
+      --set eval.max_examples=1000 2>&1 | quiet ;;
+  esac
+  echo "$step done at $((SECONDS - started)) s"
+done
