@@ -26,7 +26,11 @@ def quantized(base: torch.nn.Module) -> bool:
 
 
 def base_weight(base: torch.nn.Module) -> torch.Tensor:
-    """The base layer's weight as a dense [out, in] tensor (dequantized when 4-bit)."""
+    """The base layer's weight as a dense [out, in] tensor (dequantized when 4-bit; while
+    generating, the copy src/generation.inference_weights dequantized once, the same values)."""
+    dense = getattr(base, "inference_weight", None)
+    if dense is not None:
+        return dense
     if not quantized(base):
         return base.weight
     import bitsandbytes.functional as F
@@ -103,6 +107,12 @@ def _forward(self, x, *args, **kwargs):
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
     weight_a, weight_b = self.lora_A[name].weight, self.lora_B[name].weight
     return LoRAFunction.apply(x, self.base_layer, weight_a, weight_b, self.scaling[name], p)
+
+
+def is_fused(module: torch.nn.Module) -> bool:
+    """Whether `fuse_lora` routed this LoRA layer's forward through `LoRAFunction`."""
+    forward = module.__dict__.get("forward")
+    return getattr(forward, "__func__", None) is _forward
 
 
 def fuse_lora(model) -> int:

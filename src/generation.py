@@ -12,9 +12,8 @@ dynamic KV cache; on the H200 a 0.5B step took 28 ms where reading the weights t
 - on CUDA each decode step (forward, argmax, bookkeeping) is one captured CUDA graph replayed
   per token: transformers' own `generate(cache_implementation="static")` reaches graphs only
   through torch.compile, which cannot trace bitsandbytes' kernels and recompiles per shape;
-- LoRA merged into dense 16-bit weights (4-bit bases dequantized once) while generating, where
-  that fits under `limit_bytes` (the trial's training peak): one matmul per layer per step
-  instead of dequantize + matmul + two LoRA matmuls; the model is left as it was;
+- 4-bit base weights dequantized once while generating, where that fits under `limit_bytes`
+  (the trial's training peak), instead of twice per layer per step (`inference_weights`);
 - rows that reached an end-of-turn token stop counting; a batch ends when all have.
 
 Greedy answers are those of `model.generate` (tests/src/test_generation.py compares them);
@@ -30,7 +29,6 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 
 from src.data import prompt_ids
 
@@ -382,89 +380,41 @@ class DecodeStep:
 
 @contextlib.contextmanager
 def inference_weights(model, limit_bytes: int | None):
-    """While inside: every LoRA layer (and every 4-bit linear layer) computes with one dense
-    weight, base + scale x B @ A in the compute dtype, when all of them fit under `limit_bytes`
-    next to what the process holds now (no limit given, or no CUDA: never on the GPU, always
-    on the CPU, where bitsandbytes dequantizes per call and memory is host memory). Yields
-    whether it did. The adapters and the base stay as they were."""
-    layers = _dense_candidates(model)
-    if not layers or not _fits(layers, limit_bytes):
+    """While inside: the 4-bit base weight of every fused LoRA layer (src/fused_lora.py) is
+    dequantized once and kept, instead of at every call, when all of them fit under
+    `limit_bytes` next to what the process holds now (no limit given, or no CUDA: never on the
+    GPU, always on the CPU, where memory is host memory). The LoRA product stays apart, as in
+    training: the numbers are those of the 4-bit path to the bit (merging B @ A into bf16
+    weights rounds them, and on random weights that changed half the greedy answers). Yields
+    whether it did; the model is left as it was."""
+    from src.fused_lora import is_fused, quantized
+
+    bases = [
+        m.base_layer
+        for m in model.modules()
+        if is_fused(m) and isinstance(m.base_layer, torch.nn.Linear) and quantized(m.base_layer)
+    ]
+    if not bases or not _fits(bases, limit_bytes):
         yield False
         return
-    patched = []
+    import bitsandbytes.functional as bnb_functional
+
     try:
-        for module, base in layers:
-            weight = _merged_weight(module, base)
-            had = "forward" in module.__dict__
-            patched.append((module, had, module.__dict__.get("forward")))
-            module.forward = _DenseForward(weight, base.bias)
+        for base in bases:
+            base.inference_weight = bnb_functional.dequantize_4bit(
+                base.weight.data, base.weight.quant_state
+            )
         yield True
     finally:
-        for module, had, old in patched:
-            if had:
-                module.forward = old
-            else:
-                del module.forward
-        del patched
+        for base in bases:
+            base.__dict__.pop("inference_weight", None)
         _release()
 
 
-def _dense_candidates(model) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
-    """(module to patch, its base linear layer): PEFT LoRA layers with one active adapter,
-    and 4-bit linear layers outside them."""
-    from src.fused_lora import quantized
-
-    out, inside = [], set()
-    for module in model.modules():
-        base = getattr(module, "base_layer", None)
-        if base is not None and hasattr(module, "lora_A") and isinstance(base, torch.nn.Linear):
-            if getattr(module, "merged", False) or len(module.active_adapters) > 1:
-                return []  # a state this does not model: leave the model alone
-            out.append((module, base))
-            inside.add(id(base))
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and quantized(module) and id(module) not in inside:
-            out.append((module, module))
-    return out
-
-
-def _compute_dtype(base) -> torch.dtype:
-    from src.fused_lora import quantized
-
-    if quantized(base):
-        return getattr(base, "compute_dtype", None) or torch.bfloat16
-    return base.weight.dtype
-
-
-def _fits(layers, limit_bytes: int | None) -> bool:
+def _fits(bases: list, limit_bytes: int | None) -> bool:
     if not torch.cuda.is_available():
         return True
     if not limit_bytes:
         return False
-    need = sum(b.out_features * b.in_features for _, b in layers) * 2
+    need = sum(b.out_features * b.in_features for b in bases) * 2
     return torch.cuda.memory_reserved() + need + MARGIN_BYTES < limit_bytes
-
-
-def _merged_weight(module, base) -> torch.Tensor:
-    from src.fused_lora import base_weight
-
-    dtype = _compute_dtype(base)
-    weight = base_weight(base).to(torch.float32)
-    if module is not base and not getattr(module, "disable_adapters", False):
-        for name in module.active_adapters:
-            if name in module.lora_A:
-                a, b = module.lora_A[name].weight, module.lora_B[name].weight
-                weight += module.scaling[name] * (b.float() @ a.float())
-    return weight.to(dtype)
-
-
-class _DenseForward:
-    """The patched forward: one matmul with the merged weight (the output in the input's
-    dtype, as bitsandbytes and PEFT give it)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        self.weight, self.bias = weight, bias
-
-    def __call__(self, x, *args, **kwargs):
-        bias = None if self.bias is None else self.bias.to(self.weight.dtype)
-        return F.linear(x.to(self.weight.dtype), self.weight, bias).to(x.dtype)

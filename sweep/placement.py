@@ -173,14 +173,17 @@ class Placement:
 
 
 def learned_peaks(trials) -> dict[tuple[str, str], float]:
-    """Largest recorded GPU peak per (model, method) among a study's finished trials."""
+    """Largest recorded GPU peak per (model, method) among a study's finished trials
+    (training's or evaluation's, whichever is larger)."""
     peaks: dict[tuple[str, str], float] = {}
     for trial in trials:
         attrs = trial.user_attrs
         if attrs.get("status") != "success" or not str(attrs.get("memory_kind")).startswith("cuda"):
             continue
         key = (trial.params.get("model"), rows.method(trial))
-        peaks[key] = max(peaks.get(key, 0.0), attrs.get("peak_memory_gib") or 0.0)
+        # a trial holds the card through its evaluation too: plan with the larger peak
+        held = max(attrs.get("peak_memory_gib") or 0.0, attrs.get("eval_peak_memory_gib") or 0.0)
+        peaks[key] = max(peaks.get(key, 0.0), held)
     return peaks
 
 

@@ -49,6 +49,7 @@ def trial_rows(study: optuna.Study) -> list[dict]:
                 "lr": learning_rate(t),
                 "metric": t.values[0] if t.values and not infeasible else None,
                 "peak_gib": a.get("peak_memory_gib"),
+                "eval_peak_gib": a.get("eval_peak_memory_gib"),
                 "tokens_per_s": a.get("train_tokens_per_s"),
                 "trainable": a.get("trainable_params"),
                 "trainable_pct": a.get("trainable_pct"),

@@ -51,6 +51,7 @@ def table(study: optuna.Study) -> Table:
         "dropout",
         metric,
         "peak GiB",
+        "eval GiB",
         "tokens/s",
         "trainable %",
         "val loss",
@@ -88,6 +89,8 @@ def row(trial: optuna.trial.FrozenTrial) -> list[str]:
     peak = "" if a.get("peak_memory_gib") is None else f"{a['peak_memory_gib']:.2f}"
     if peak and a.get("memory_kind") == "cpu_rss":
         peak += " RSS"
+    eval_peak = a.get("eval_peak_memory_gib")
+    eval_peak = "" if eval_peak is None else f"{eval_peak:.2f}"
     duration = trial.duration.total_seconds() if trial.duration else None
     lr = rows.learning_rate(trial)
     dropout = p.get("dropout", a.get("dropout"))
@@ -103,6 +106,7 @@ def row(trial: optuna.trial.FrozenTrial) -> list[str]:
         _fmt(dropout, "{:.3f}"),
         _fmt(trial.values[0] if trial.values else None, "{:.4f}"),
         peak,
+        eval_peak,
         _fmt(a.get("train_tokens_per_s"), "{:,.0f}"),
         _fmt(a.get("trainable_pct"), "{:.2f}"),
         _fmt(a.get("last_val_loss"), "{:.4f}"),

@@ -191,7 +191,10 @@ def run_and_report(cfg, study_cfg, trial, params, companion, tracker, placement,
                                 spares, lambda gib: placement.observe(slot, gib))  # fmt: skip
     finally:
         oom = result is not None and result.status == Status.INFEASIBLE
-        placement.give(slot, result.peak_memory_gib if result else None, oom)
+        held = (
+            max(result.peak_memory_gib or 0.0, result.eval_peak_memory_gib or 0.0) if result else 0
+        )
+        placement.give(slot, held or None, oom)
     study = trial.study
     console.print(f"trial {trial.number} {state.name.lower()} {_summary(study, trial.number)}")
 

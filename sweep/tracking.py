@@ -85,6 +85,7 @@ class Tracker:
                 self.client.set_tag(run_id, key, value[:5000])
         metrics |= {
             "peak_memory_gib": result.peak_memory_gib,
+            "eval_peak_memory_gib": result.eval_peak_memory_gib,
             "train_tokens_per_s": result.train_tokens_per_s,
             "trainable_params": result.trainable_params,
             "trainable_pct": result.trainable_pct,

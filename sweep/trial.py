@@ -236,7 +236,9 @@ def tell(trial: optuna.Trial, result: TrialResult, budget_gib: float) -> TrialSt
         attrs |= {
             "metrics": result.metrics,
             "peak_memory_gib": result.peak_memory_gib,
+            "eval_peak_memory_gib": result.eval_peak_memory_gib,
             "memory_kind": result.memory_kind,
+            "phases": result.phases,
             "nvml_peak_gib": result.nvml_peak_gib,
             "train_tokens_per_s": result.train_tokens_per_s,
             "trainable_params": result.trainable_params,
