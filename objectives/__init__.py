@@ -6,6 +6,8 @@
 - load(data_dir, train_n, val_n, eval_n, seed, system_prompt, train_set) -> (train, val,
   evaluation) lists of examples: dicts with "messages" (chat turns before the answer) and
   "answer", plus what evaluation needs (labels, gold answers, references);
+- preflight(data_dir, judge) -> (problem, key) or None: what evaluation will need after a
+  trial's training, checked before the first trial (the key relative to the study's table);
 - evaluate(model, tokenizer, examples, settings, out_dir) -> dict of metrics (runs in the
   trial; `settings` is the [eval] table plus data/cache folders; files it writes in out_dir,
   such as predictions, are kept with the trial and logged to MLflow).

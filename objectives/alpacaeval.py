@@ -31,6 +31,21 @@ MIN_LC_ROWS = 10
 HUB_EVAL = ("tatsu-lab/alpaca_eval", "alpaca_eval_gpt4_baseline.json")  # reference outputs
 
 
+def preflight(data_dir: Path | None, judge: dict) -> tuple[str, str] | None:
+    """The judge's prompt (openai, local) and, offline, the annotation files that the
+    length-controlled win rate's instruction difficulties are estimated from: both are read
+    after training and generation, so a missing one would cost a whole trial."""
+    if judge["name"] in ("openai", "local") and (problem := judges.prompt_problem()):
+        return problem, "eval.judge"
+    if data_dir is not None and not any((data_dir / ANNOTATION_POOL).glob("*.json*")):
+        return (
+            f"data directory {data_dir} has no annotation files in {ANNOTATION_POOL} "
+            "(the length-controlled win rate's instruction difficulties come from them)",
+            "data.dir",
+        )
+    return None
+
+
 def eval_set(data_dir: Path | None) -> str:
     return "AlpacaEval 805 instructions (a seeded subset of eval.max_examples) vs gpt4_turbo"
 

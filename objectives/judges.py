@@ -23,6 +23,7 @@ import os
 import random
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 TEMPLATE = "alpaca_eval/evaluators_configs/alpaca_eval_clf_gpt4_turbo/alpaca_eval_clf.txt"
 LABELS = ("m", "M")  # the template's identifiers of the first and second output
@@ -43,6 +44,18 @@ def judge_messages(instruction: str, first: str, second: str) -> list[dict[str, 
     text = re.sub(r"\{(instruction|output_1|output_2)\}", lambda m: fields[m.group(1)], text)
     turns = re.findall(r"<\|im_start\|>(\w+)\n(.*?)\n?<\|im_end\|>", text, flags=re.S)
     return [{"role": role, "content": content.strip()} for role, content in turns]
+
+
+def prompt_problem() -> str | None:
+    """Why AlpacaEval's judge prompt cannot be read (None when it can): the openai and local
+    judges need it, after a trial's training and generation."""
+    try:
+        path = importlib.metadata.distribution("alpaca-eval").locate_file(TEMPLATE)
+    except importlib.metadata.PackageNotFoundError:
+        return "the alpaca-eval package is not installed (pip install alpaca-eval==0.6.6)"
+    if not Path(str(path)).is_file():
+        return f"alpaca-eval has no judge prompt {TEMPLATE}"
+    return None
 
 
 def swapped_orders(n: int, seed: int) -> list[bool]:

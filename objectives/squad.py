@@ -33,6 +33,11 @@ QUESTION = (
 )
 
 
+def preflight(data_dir: Path | None, judge: dict) -> tuple[str, str] | None:
+    """Nothing beyond LOCAL_FILES: evaluation reads only the data folder."""
+    return None
+
+
 def eval_set(data_dir: Path | None) -> str:
     """What the study's metric is measured on, in words (shown in status and MLflow)."""
     if data_dir is None:

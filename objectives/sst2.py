@@ -70,6 +70,11 @@ def accuracy(choice_scores: list[list[float]], labels: list[int]) -> float:
     return right / len(labels)
 
 
+def preflight(data_dir: Path | None, judge: dict) -> tuple[str, str] | None:
+    """Nothing beyond LOCAL_FILES: evaluation reads only the data folder."""
+    return None
+
+
 def eval_set(data_dir: Path | None) -> str:
     """What the study's metric is measured on, in words (shown in status and MLflow)."""
     return "SST-2 dev (GLUE validation: 872 sentences, or a seeded subset of eval.max_examples)"

@@ -9,6 +9,7 @@ import contextlib
 import fcntl
 import hashlib
 import importlib.util
+import json
 import os
 import random
 import sqlite3
@@ -44,7 +45,11 @@ def before_run(cfg: Config, study: Study, storage_url: str | None) -> None:
             raise ConfigError(
                 f"no model at {model.path} (config.json missing)", f"models.{alias}.path"
             )
+        check_chat_template(model.path, f"models.{alias}.path")
     judge = study.eval.judge
+    if found := objective.preflight(study.data.dir, judge):
+        problem, where = found
+        raise ConfigError(problem, f"{key}.{where}")
     if judge["name"] == "local" and judge.get("model") and judge["model"] not in cfg.models:
         raise unknown("model alias", judge["model"], cfg.models, f"{key}.eval.judge.model")
     if study.data.dir is not None and study.data.train_set is not None:
@@ -54,6 +59,25 @@ def before_run(cfg: Config, study: Study, storage_url: str | None) -> None:
     for path in (cfg.storage.trials, cfg.storage.artifacts, _sqlite_path(cfg.storage.mlflow)):
         if path is not None:
             check_writable(path)
+
+
+def check_chat_template(folder: Path | None, key: str) -> None:
+    """Every task formats examples with the model's chat template: a local model folder must
+    have one (tokenizer_config.json's chat_template, or chat_template.jinja beside it). Hub
+    models and package-shipped ones are checked when they load."""
+    if folder is None or not (folder / "config.json").is_file():
+        return
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return
+    config = folder / "tokenizer_config.json"
+    try:
+        template = json.loads(config.read_text()).get("chat_template") if config.is_file() else None
+    except (OSError, ValueError):
+        template = None
+    if not template:
+        raise ConfigError(
+            f"the model at {folder} has no chat template (tokenizer_config.json)", key
+        )
 
 
 def check_data_dir(data_dir: Path, files: tuple[str, ...], key: str) -> None:

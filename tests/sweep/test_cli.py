@@ -27,6 +27,7 @@ def project(tmp_path, shared_data):
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
+    (model / "chat_template.jinja").write_text("{{ messages }}")
     cfg = write_config(tmp_path, model, shared_data)
     (tmp_path / "storage").mkdir()
     (tmp_path / "storage" / "keep.txt").write_text("finished work")

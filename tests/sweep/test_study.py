@@ -141,6 +141,17 @@ def test_squad_study_scores_generated_answers(tmp_path, tiny_model, shared_data)
     db = sqlite3.connect(tmp_path / "storage" / "mlflow.db")
     (eval_set,) = db.execute("select value from tags where key='eval_set'").fetchone()
     assert "not the official dev score" in eval_set
+    # the adapter was saved before evaluation began; the two peaks are measured apart
+    log = (tmp_path / "storage/trials/tiny/0/stdout.log").read_text()
+    lines = [line for line in log.splitlines() if line.startswith("SWEEP_PROGRESS ")]
+    events = [json.loads(line.split(" ", 1)[1])["event"] for line in lines]
+    assert events.index("saved") < events.index("evaluating")
+    result = json.loads((tmp_path / "storage/trials/tiny/0/result.json").read_text())
+    assert result["peak_memory_gib"] > 0 and result["eval_peak_memory_gib"] > 0
+    assert trial.values[1] == result["peak_memory_gib"]  # the objective: training's peak
+    assert trial.user_attrs["eval_peak_memory_gib"] == result["eval_peak_memory_gib"]
+    assert result["generation"]["fast"] and result["generation"]["tokens"] > 0
+    assert {"load", "training", "validation", "generation", "saving"} <= set(result["phases"])
 
 
 def test_alpacaeval_study_falls_back_to_val_loss_without_a_judge(tmp_path, tiny_model, shared_data):
