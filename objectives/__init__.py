@@ -17,6 +17,17 @@ No module imports torch at import time: the sweep process reads METRIC and DIREC
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from objectives import alpacaeval, squad, sst2
 
 OBJECTIVES = {"sst2": sst2, "squad": squad, "alpacaeval": alpacaeval}
+
+
+def evaluation_rows(spec: dict, max_examples: int) -> list[dict]:
+    """The evaluation rows of a trial's spec.json (seeded subset; 0 = all), as it trained."""
+    train = spec["train"]
+    data_dir = Path(spec["data_dir"]) if spec["data_dir"] else None
+    return OBJECTIVES[spec["task"]].load(
+        data_dir, 1, 1, max_examples, train["seed"], train["system_prompt"], spec.get("train_set")
+    )[2]

@@ -25,7 +25,7 @@ LOCAL_FILES = (
     "alpacaeval/alpaca_eval.jsonl",
     f"alpacaeval/model_outputs/{judges.REFERENCE}.json.xz",
 )
-ANNOTATION_POOL = "alpacaeval/annotations/weighted_alpaca_eval_gpt4_turbo"
+ANNOTATION_POOL = winrate.ANNOTATION_POOL
 HUB_TRAIN = "tatsu-lab/alpaca"
 MIN_LC_ROWS = 10
 HUB_EVAL = ("tatsu-lab/alpaca_eval", "alpaca_eval_gpt4_baseline.json")  # reference outputs
@@ -112,18 +112,7 @@ def difficulty(data_dir: Path | None, cache_dir: Path | None) -> dict[str, float
         with open(path, newline="") as f:  # an index column, then the difficulty (row order)
             values = [float(row[-1]) for row in list(csv.reader(f))[1:]]
         return {r["instruction"]: v for r, v in zip(read_references(None), values, strict=True)}
-    files = sorted((data_dir / ANNOTATION_POOL).glob("*.json*"))
-    cached = cache_dir / "alpacaeval-difficulty.json" if cache_dir else None
-    key = [f.name for f in files]
-    if cached and cached.is_file():
-        stored = json.loads(cached.read_text())
-        if stored.get("files") == key:
-            return stored["difficulty"]
-    values = winrate.estimate_difficulty(files)
-    if cached:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        cached.write_text(json.dumps({"files": key, "difficulty": values}))
-    return values
+    return winrate.offline_difficulty(data_dir, cache_dir)
 
 
 def metrics(annotations: list[dict], difficulties: dict[str, float] | None) -> dict:
@@ -141,7 +130,6 @@ def metrics(annotations: list[dict], difficulties: dict[str, float] | None) -> d
 
 def evaluate(model, tokenizer, examples: list[dict], settings: dict, out_dir: Path) -> dict:
     from src.generation import generate  # torch lives in the trial process only
-    from src.judge import run_judge
 
     texts = generate(
         model,
@@ -172,6 +160,26 @@ def evaluate(model, tokenizer, examples: list[dict], settings: dict, out_dir: Pa
     data_dir = Path(settings["data_dir"]) if settings.get("data_dir") else None
     cache = Path(settings["cache_dir"]) if settings.get("cache_dir") else None
     return metrics(annotations, difficulty(data_dir, cache)) | {"eval_examples": len(examples)}
+
+
+def run_judge(judge: dict, records: list[dict], model, tokenizer, settings: dict) -> list:
+    """The configured judge's preferences (objectives/judges.py), in the trial process."""
+    name = judge["name"]
+    kwargs = {k: v for k, v in judge.items() if k != "name"}
+    if name == "openai":
+        return judges.openai_judge(records, **kwargs)
+    if name == "local":
+        other = settings.get("judge_model")  # another model than the one trained
+        if other or not hasattr(model, "disable_adapter"):  # or fully fine-tuned: its base
+            from src import models
+
+            judge_model, judge_tok, _ = models.load_base(
+                other or settings["model"], "auto", Path(settings["cache_dir"])
+            )
+            return judges.local_judge(judge_model, judge_tok, records, settings["batch_size"])
+        with model.disable_adapter():  # the trial's base model, adapter switched off
+            return judges.local_judge(model, tokenizer, records, settings["batch_size"])
+    return judges.plugged_in(name)(records, **kwargs)
 
 
 def pair_records(outputs: list[dict], references: dict[str, str]) -> list[dict]:

@@ -8,9 +8,9 @@ preference per record in [1, 2] (1 + P(output_2 is better)), or None where it co
   seeded random order as "m" and "M", one token with top log-probabilities, and the
   preference from P(m) / (P(m) + P(M)). The key comes from the environment variable named by
   `api_key_env` and is passed to the client only: never logged or stored.
-- "local": a Hugging Face causal LM (src/judge.py, in the trial process): the same prompt
-  through the model's chat template, next-token log-probabilities of "m" and "M", both orders
-  averaged to cancel position bias.
+- "local": a Hugging Face causal LM (`local_judge`, in the trial process): the same prompt
+  through the model's chat template, next-token log-probabilities of "m" and "M"
+  (src/scoring.py), both orders averaged to cancel position bias.
 - "package.module:function": your own; called as function(records, **kwargs).
 """
 
@@ -130,3 +130,21 @@ def annotate(records: list[dict], preferences: list[float | None], annotator: st
         {**r, "annotator": annotator, "preference": p}
         for r, p in zip(records, preferences, strict=True)
     ]
+
+
+def local_judge(model, tokenizer, records: list[dict], batch_size: int) -> list[float]:
+    """Pairwise preference from label log-probabilities, both orders averaged."""
+    from src.scoring import choice_logprobs  # torch lives in the trial process only
+
+    prompts = []
+    for r in records:
+        for first, second in ((r["output_1"], r["output_2"]), (r["output_2"], r["output_1"])):
+            messages = judge_messages(r["instruction"], first, second)
+            prompts.append({"messages": messages, "choices": list(LABELS)})
+    scores = choice_logprobs(model, tokenizer, prompts, batch_size)
+    out = []
+    for k in range(len(records)):
+        reference_first = preference_from_logprobs(*scores[2 * k], swapped=False)
+        model_first = preference_from_logprobs(*scores[2 * k + 1], swapped=True)
+        out.append((reference_first + model_first) / 2)
+    return out

@@ -36,6 +36,8 @@ import numpy as np
 
 from objectives.common import open_text
 
+ANNOTATION_POOL = "alpacaeval/annotations/weighted_alpaca_eval_gpt4_turbo"  # in a data folder
+
 CS = np.logspace(-4, 4, 10)  # inverse L1 strengths tried, as sklearn's LogisticRegressionCV
 FOLDS = 5
 
@@ -203,6 +205,23 @@ def _soft_log_loss(z: np.ndarray, y: np.ndarray) -> float:
     return float(-np.mean(y * _log_sigmoid(z) + (1 - y) * _log_sigmoid(-z)))
 
 
+def offline_difficulty(data_dir: Path, cache_dir: Path | None) -> dict[str, float]:
+    """Instruction difficulties estimated from the annotation pool of a local data folder
+    (`estimate_difficulty`), cached in `cache_dir` under the list of files they came from."""
+    files = sorted((data_dir / ANNOTATION_POOL).glob("*.json*"))
+    cached = cache_dir / "alpacaeval-difficulty.json" if cache_dir else None
+    key = [f.name for f in files]
+    if cached and cached.is_file():
+        stored = json.loads(cached.read_text())
+        if stored.get("files") == key:
+            return stored["difficulty"]
+    values = estimate_difficulty(files)
+    if cached:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps({"files": key, "difficulty": values}))
+    return values
+
+
 def leaderboard_check(data_dir: Path) -> str:
     """Markdown table: these metrics from the published annotations vs the leaderboard CSV.
 
@@ -211,12 +230,10 @@ def leaderboard_check(data_dir: Path) -> str:
     import csv
     import statistics
 
-    from objectives.alpacaeval import ANNOTATION_POOL, difficulty
-
     board_csv = "alpacaeval/leaderboards/weighted_alpaca_eval_gpt4_turbo_leaderboard.csv"
     with open(data_dir / board_csv, newline="") as f:
         board = {row[""]: row for row in csv.DictReader(f)}
-    gamma = difficulty(data_dir, None)
+    gamma = offline_difficulty(data_dir, None)
     lines = [
         "| model | win rate | leaderboard | LC win rate | leaderboard LC | LC deviation |",
         "|---|---:|---:|---:|---:|---:|",

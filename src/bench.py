@@ -27,7 +27,6 @@ a wrong gradient (in bf16, plain itself is ~9 % from fp32 at 7B on random weight
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import statistics
@@ -49,7 +48,6 @@ from transformers import (
 from src import models, random_qwen, speed, train_qlora
 from src.memory import PeakMemory
 from src.progress import emit
-from sweep.config import Model
 
 LR = 2e-4
 
@@ -110,7 +108,7 @@ def trial_model(source: str, r: int, alpha: float, dropout: float, train_cfg: di
 
 def model_spec(folder: str) -> dict:
     """A [models] entry for a local folder, as a trial's spec.json holds it."""
-    return dataclasses.asdict(Model(alias=Path(folder).name, path=folder))
+    return models.folder_spec(folder)
 
 
 def loss_and_grads(model, batch: torch.Tensor, autocast: bool = True) -> tuple[float, dict]:

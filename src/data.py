@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from datasets import Dataset
 
 IGNORE = -100  # label id that the causal-LM loss skips
@@ -54,14 +52,3 @@ def to_dataset(tokenizer, examples: list[dict], max_len: int) -> Dataset:
     eos = tokenizer.eos_token_id
     rows = [_supervised(p, [*a, eos], max_len) for p, a in zip(prompts, answers, strict=True)]
     return Dataset.from_list(rows)
-
-
-def eval_rows(spec: dict, max_examples: int) -> list[dict]:
-    """The evaluation rows of a trial's spec.json (seeded subset; 0 = all), as it trained."""
-    from objectives import OBJECTIVES
-
-    train = spec["train"]
-    data_dir = Path(spec["data_dir"]) if spec["data_dir"] else None
-    return OBJECTIVES[spec["task"]].load(
-        data_dir, 1, 1, max_examples, train["seed"], train["system_prompt"], spec.get("train_set")
-    )[2]

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+from objectives import evaluation_rows
 from src import models, speed
-from src.data import eval_rows
 from src.generation import generate
 
 
@@ -47,7 +47,7 @@ def main(request_path: Path, out_path: Path) -> None:
     trials = request["trials"]
     first = json.loads((Path(trials[0]["dir"]) / "spec.json").read_text())
     speed.attention_backends(first["train"].get("cudnn_attention", False))  # as in the trials
-    rows = eval_rows(first, request["n"])[: request["n"]]
+    rows = evaluation_rows(first, request["n"])[: request["n"]]
     table = {"prompts": [r["messages"][-1]["content"] for r in rows], "reference": [], "base": {}}
     table["reference"] = [_reference(r) for r in rows]
     table["answers"] = {}

@@ -112,6 +112,20 @@ def _first_layers(layers: int) -> dict:
     return {"num_hidden_layers": layers} if layers else {}
 
 
+def folder_spec(folder: str) -> dict:
+    """A [models] entry for a local model folder, as a trial's spec.json holds it (the keys
+    of sweep.config.Model, which `load_base` reads)."""
+    return {
+        "alias": Path(folder).name,
+        "id": None,
+        "path": str(folder),
+        "package": None,
+        "gguf_file": None,
+        "trust_remote_code": False,
+        "layers": 0,
+    }
+
+
 def load_base(model_spec: dict, dtype_name: str, cache_dir: Path, method: str = "qlora"):
     """(model, tokenizer, source) for a model entry as the trial's spec.json holds it:
     4-bit for qlora, the compute dtype for lora and full."""
@@ -204,18 +218,7 @@ def count_params(model) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters() if p.requires_grad), total
 
 
-def prepare_models(config_path: Path) -> None:
-    """Convert every package-shipped GGUF model of a config once (`make install` runs this)."""
-    from sweep.config import load
-
-    cfg = load(config_path)
-    shipped = {(m.package, m.gguf_file) for m in cfg.models.values() if m.package}
-    for package, gguf_file in sorted(shipped):  # several aliases may share one file
-        if importlib.util.find_spec(package):
-            print(convert_gguf(package, gguf_file, cfg.storage.cache))
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m src.models PACKAGE GGUF_FILE CACHE_DIR (sweep prepare)
     import sys
 
-    prepare_models(Path(sys.argv[1] if len(sys.argv) > 1 else "sweep.toml"))
+    print(convert_gguf(sys.argv[1], sys.argv[2], Path(sys.argv[3])))

@@ -1,4 +1,4 @@
-"""Command line: `python -m sweep {run,status,best,report,export,dashboard,ui,score} ...`."""
+"""Command line: `python -m sweep COMMAND ...` (the table COMMANDS below)."""
 
 from __future__ import annotations
 
@@ -66,6 +66,22 @@ def cmd_best(args: argparse.Namespace) -> None:
     best.show(_open(args, args.study)[2])
 
 
+def cmd_final(args: argparse.Namespace) -> None:
+    from sweep import best, final
+
+    cfg, _, loaded = _open(args, args.study)
+    final.run(loaded, cfg.storage.mlflow, args.top, args.max_examples)
+    best.show(loaded)
+
+
+def _final_args(p: argparse.ArgumentParser) -> None:
+    _study_args(p)
+    p.add_argument("--top", type=int, default=0, help="the K best by metric (default 0: all)")
+    p.add_argument(
+        "--max-examples", type=int, default=0, help="evaluation rows (default 0: all of them)"
+    )
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from sweep import best
 
@@ -111,6 +127,25 @@ def cmd_score(args: argparse.Namespace) -> None:
     cfg = config.load(args.config) if args.config.is_file() else None
     result = score(args.task, args.file, args.dataset, args.data, args.judge, args.judge_model, cfg)
     print(json.dumps(result, indent=1))
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    """Convert every package-shipped GGUF model of the config once, in a child process (the
+    sweep process never imports torch): `make install` runs this."""
+    import importlib.util
+    import subprocess
+
+    from sweep import trial_process
+
+    cfg = config.load(args.config)
+    shipped = {(m.package, m.gguf_file) for m in cfg.models.values() if m.package}
+    for package, gguf_file in sorted(shipped):  # several aliases may share one file
+        if importlib.util.find_spec(package) is None:
+            continue
+        argv = [sys.executable, "-m", "src.models", package, gguf_file, str(cfg.storage.cache)]
+        env = trial_process.child_env()
+        if subprocess.run(argv, cwd=trial_process.PROJECT_ROOT, env=env).returncode:
+            raise SystemExit(f"error: converting {package}'s {gguf_file} failed")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -238,12 +273,6 @@ def _run_args(p: argparse.ArgumentParser) -> None:
         "nvidia-cuda-mps-control is installed and none runs yet; off: time-sliced)",
     )
     p.add_argument(
-        "--whole-trial",
-        action="store_true",
-        help="one whole trial of --study on --model, plain recipe + model.generate against "
-        "the trial path, per phase (docs/bench/whole-trial-STUDY-SHAPE.json)",
-    )
-    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -277,11 +306,13 @@ COMMANDS = {
     ),
     "best": (cmd_best, _study_args, "the Pareto-optimal trials: best metric for its memory"),
     "report": (cmd_report, _report_args, "plots and tables of a study (Markdown, HTML, MLflow)"),
+    "final": (cmd_final, _final_args, "the Pareto-optimal trials on the whole evaluation set"),
     "export": (cmd_export, _export_args, "copy a trial's adapter, config and metrics to a folder"),
     "dashboard": (cmd_dashboard, _server_args(8080, True), "optuna-dashboard on the storage"),
     "ui": (cmd_ui, _server_args(5000, False), "the MLflow UI on the tracking store"),
     "bench": (cmd_bench, _bench_args, "trial path vs the plain QLoRA recipe: speed, memory"),
     "score": (cmd_score, _score_args, "task metrics of a predictions/annotations file, as JSON"),
+    "prepare": (cmd_prepare, lambda p: None, "convert the package-shipped models once"),
 }
 
 

@@ -15,6 +15,7 @@ import optuna
 from rich.console import Console
 from rich.table import Table
 
+from sweep import final
 from sweep import rows as trial_rows
 from sweep.checks import output_folder
 from sweep.errors import ConfigError
@@ -28,8 +29,11 @@ def show(study: optuna.Study) -> None:
             f"study {study.study_name!r} has no complete feasible trial yet", "--study"
         )
     metric = study.metric_names[0] if study.metric_names else "metric"
+    finals = final.results(study)
     t = Table(title=f"study {study.study_name}: Pareto-optimal trials ({metric} vs peak memory)")
-    for col in ("#", "method", "model", "r", "lr", metric, "peak GiB", "trial folder"):
+    final_col = f"final {metric}" if finals else None
+    cols = ("#", "method", "model", "r", "lr", metric, *([final_col] if finals else []))
+    for col in (*cols, "peak GiB", "trial folder"):
         t.add_column(col, justify="left" if col in ("method", "model", "trial folder") else "right")
     for trial in front:
         r = rows[trial.number]
@@ -40,6 +44,7 @@ def show(study: optuna.Study) -> None:
             str(r["r"] or ""),
             f"{r['lr']:.2e}",
             f"{trial.values[0]:.4f}",
+            *([_final_cell(finals.get(trial.number), metric)] if finals else []),
             f"{trial.values[1]:.2f}",
             r["trial_dir"] or "",
         )
@@ -49,7 +54,16 @@ def show(study: optuna.Study) -> None:
         f"{s['pruned']} pruned, {s['fail']} failed · training tokens {s['tokens_spent']:,}"
         f" (pruner saved ~{s['tokens_saved_estimate']:,})"
     )
+    if finals:
+        t.caption += f" · final: {metric} on the whole evaluation set (sweep final)"
     Console(width=200).print(t)
+
+
+def _final_cell(entry: dict | None, metric: str) -> str:
+    """The final metric and how many rows it was measured on."""
+    if not entry or entry["metrics"].get(metric) is None:
+        return ""
+    return f"{entry['metrics'][metric]:.4f} (n={entry.get('examples')})"
 
 
 def export(study: optuna.Study, number: int, out: Path) -> Path:

@@ -8,6 +8,8 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from sweep import final
+
 
 def is_infeasible(t: optuna.trial.FrozenTrial) -> bool:
     """COMPLETE but over the memory budget or out of memory (constraint > 0)."""
@@ -35,6 +37,8 @@ def unspent_tokens(row: dict) -> float:
 def trial_rows(study: optuna.Study) -> list[dict]:
     """One dict per trial: what the tables and plots are drawn from."""
     rows = []
+    finals = final.results(study)
+    metric = study.metric_names[0] if study.metric_names else None
     for t in study.get_trials(deepcopy=False):
         p, a = t.params, t.user_attrs
         infeasible = is_infeasible(t)
@@ -50,6 +54,8 @@ def trial_rows(study: optuna.Study) -> list[dict]:
                 "metric": t.values[0] if t.values and not infeasible else None,
                 "peak_gib": a.get("peak_memory_gib"),
                 "eval_peak_gib": a.get("eval_peak_memory_gib"),
+                # `sweep final`: the metric on the whole evaluation set
+                "final_metric": finals.get(t.number, {}).get("metrics", {}).get(metric),
                 "tokens_per_s": a.get("train_tokens_per_s"),
                 "trainable": a.get("trainable_params"),
                 "trainable_pct": a.get("trainable_pct"),

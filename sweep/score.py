@@ -116,8 +116,8 @@ def _local(records: list[dict], alias: str | None, cfg: Config | None) -> list[f
         from sweep.errors import unknown
 
         raise unknown("model alias", alias, cfg.models, "--judge-model")
+    from objectives.judges import local_judge
     from src import models
-    from src.judge import local_judge
     from sweep.trial import model_spec
 
     model, tokenizer, _ = models.load_base(model_spec(cfg.models[alias]), "auto", cfg.storage.cache)

@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from objectives.common import chat
+from objectives.judges import local_judge
 from src.generation import generate
-from src.judge import local_judge
 
 
 @pytest.fixture(scope="module")
