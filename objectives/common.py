@@ -42,7 +42,7 @@ def generation_options(settings: dict) -> dict:
     or `model.generate` (the benchmark's plain trial), the memory evaluation must stay
     within (the training peak), and a dict to fill with what generation did."""
     return {
-        "fast": settings.get("fast_generation", True),
+        "fast": settings.get("fast_generation"),  # None: the fast path where it pays (CUDA)
         "limit_bytes": settings.get("memory_limit_bytes"),
         "stats": settings.get("generation_stats"),
     }

@@ -1,6 +1,6 @@
 """One trial, straight through: load → adapt → data → train → evaluate → save → result.
 
-    python -m src.train_qlora storage/trials/<study>/<number>/spec.json
+    python -m src.train_qlora storage/trials/<study>-<key>/<number>/spec.json
 
 The sweep writes spec.json (model, sampled params, budgets, folders) and reads result.json;
 progress lines go to stdout (see src/progress.py). Runs alone too, for debugging one trial.
@@ -106,7 +106,12 @@ def train_and_evaluate(spec: dict, memory: PeakMemory, started: float) -> TrialR
     trainer.train()
     clock.lap("train_loop")
     speed.decompile_layers(model)
-    save_weights(model, tokenizer, out_dir, params)  # before evaluation: never lost to it
+    try:  # before evaluation: never lost to it
+        save_weights(model, tokenizer, out_dir, params)
+        not_saved = ""
+    except OSError as err:  # disk full, folder removed: still measured, then stored as FAIL
+        not_saved = f"adapter not saved: {err}"
+        emit("save_failed", error=str(err))
     clock.lap("saving")
     # real tokens: without the padding that gives CUDA graphs fixed shapes
     tokens = int(trainer.state.num_input_tokens_seen) - getattr(trainer.data_collator, "padding", 0)
@@ -118,7 +123,7 @@ def train_and_evaluate(spec: dict, memory: PeakMemory, started: float) -> TrialR
     emit("evaluating", examples=len(eval_rows), train_peak_gib=round(train_peak, 3))
     generation: dict = {}
     settings = eval_settings(spec) | {
-        "fast_generation": not plain,
+        "fast_generation": False if plain else None,  # None: src/generation decides
         # evaluation stays within what training needed (CUDA; the budget caps it anyway)
         "memory_limit_bytes": train_reserved or None,
         "generation_stats": generation,
@@ -133,7 +138,8 @@ def train_and_evaluate(spec: dict, memory: PeakMemory, started: float) -> TrialR
         "generation": generation.get("seconds", 0.0),
     }
     result = TrialResult(
-        status=Status.SUCCESS,
+        status=Status.FAILED if not_saved else Status.SUCCESS,
+        error=not_saved,
         metrics=metrics,
         peak_memory_gib=train_peak,
         eval_peak_memory_gib=eval_peak,

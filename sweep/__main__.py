@@ -26,6 +26,11 @@ def cmd_run(args: argparse.Namespace) -> None:
     if args.trials_per_gpu != "1" and not gpus:
         raise ConfigError("needs --gpus (which cards to pack)", "--trials-per-gpu")
     cfg = config.load(args.config, args.set, study=args.study)
+    if args.dry_run:  # everything `run` checks before its first write, then stop
+        url = config.resolve_url(args.storage, Path.cwd()) if args.storage else None
+        checks.before_run(cfg, cfg.studies[args.study], url)
+        print(f"study {args.study}: config, storage, data, models and evaluation needs checked")
+        return
     study.run(
         cfg,
         cfg.studies[args.study],
@@ -265,6 +270,11 @@ def _run_args(p: argparse.ArgumentParser) -> None:
         help="trials sharing a GPU: a number, or auto (packed by their learned peak memory)",
     )
     p.add_argument("--jobs", type=int, default=1, help="trials at once on the CPU (default 1)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check config, storage, data, models and what evaluation needs; train nothing",
+    )
     p.add_argument(
         "--mps",
         choices=mps.MODES,

@@ -15,7 +15,7 @@ import optuna
 from rich.console import Console
 from rich.table import Table
 
-from sweep import final
+from sweep import final, folders
 from sweep import rows as trial_rows
 from sweep.checks import output_folder
 from sweep.errors import ConfigError
@@ -81,6 +81,8 @@ def export(study: optuna.Study, number: int, out: Path) -> Path:
         raise ConfigError(
             f"trial {number} is {trial.state.name.lower()} and saved no adapter", "--trial"
         )
+    if problem := folders.mismatch(folder, trial, study):
+        raise ConfigError(f"trial {number}'s folder is not its own: {problem}", "--trial")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out} exists and is not an empty folder", "--out")
     output_folder(out, "--out")

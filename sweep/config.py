@@ -179,10 +179,14 @@ def load(path: Path, overrides: list[str] = (), study: str | None = None) -> Con
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}", "--config")
     try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:  # its message gives the line and column
         raise ConfigError(f"{path.name} is not valid TOML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path.name} is not UTF-8 text (byte {err.start})") from None
     _check_keys(raw, {"defaults", "models", "studies", "storage"}, "")
+    for table in ("defaults", "models", "studies", "storage"):
+        _check_type(raw.get(table, {}), dict, table)
     for name in raw.get("studies", {}):
         table = raw["studies"][name]
         _check_type(table, dict, f"studies.{name}")
@@ -322,6 +326,7 @@ def _study(name: str, table: dict, models: dict[str, Model], root: Path) -> Stud
     if not names:
         raise ConfigError("needs at least one model", f"{key}.models")
     for i, alias in enumerate(names):
+        _check_type(alias, str, f"{key}.models[{i}]")
         if alias not in models:
             raise unknown("model alias", str(alias), models, f"{key}.models[{i}]")
     study = Study(

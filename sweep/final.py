@@ -20,7 +20,7 @@ from pathlib import Path
 
 import optuna
 
-from sweep import trial_process
+from sweep import folders, trial_process
 from sweep.errors import ConfigError
 
 PREFIX = "final:"
@@ -41,6 +41,8 @@ def run(study: optuna.Study, tracking_uri: str, top: int, max_examples: int) -> 
         folder = Path(trial.user_attrs.get("trial_dir", "/nonexistent"))
         if not any((folder / w).is_dir() for w in ("adapter", "model")):
             raise ConfigError(f"trial {trial.number}'s folder {folder} holds no adapter", "--study")
+        if problem := folders.mismatch(folder, trial, study):
+            raise ConfigError(f"trial {trial.number}'s folder is not its own: {problem}", "--study")
         print(f"final: trial {trial.number} ({folder})", flush=True)
         started = time.perf_counter()
         metrics = evaluate(folder, max_examples)

@@ -16,7 +16,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from sweep import figures, trial_process
+from sweep import figures, folders, trial_process
 from sweep.checks import output_folder
 from sweep.document import to_html, to_markdown
 from sweep.errors import ConfigError
@@ -62,6 +62,16 @@ def example_generations(rows, direction, n: int, max_new_tokens: int, out_dir: P
     return json.loads(out.read_text())
 
 
+def own_folders(study, rows: list[dict]) -> list[dict]:
+    """The rows whose trial folder is the trial's own (sweep/folders.py)."""
+    trials = study.get_trials(deepcopy=False)
+    return [
+        r
+        for r in rows
+        if r["trial_dir"] and not folders.mismatch(Path(r["trial_dir"]), trials[r["number"]], study)
+    ]
+
+
 def write(study, companion, out_dir: Path, budget: float, examples: int, new_tokens: int):
     """Every figure and table into `out_dir`; returns the report's Markdown path."""
     rows = trial_rows(study)
@@ -78,7 +88,8 @@ def write(study, companion, out_dir: Path, budget: float, examples: int, new_tok
             blocks.append(("figure", fig.name, fig.title))
     blocks += optuna_blocks(study, out_dir)
     blocks += table_blocks(rows, metric)
-    blocks += examples_blocks(example_generations(rows, direction, examples, new_tokens, out_dir))
+    own = own_folders(study, rows)  # a folder another storage's trial overwrote is left out
+    blocks += examples_blocks(example_generations(own, direction, examples, new_tokens, out_dir))
     (out_dir / "report.md").write_text(to_markdown(blocks))
     (out_dir / "report.html").write_text(to_html(blocks, f"study {study.study_name}"))
     return out_dir / "report.md"

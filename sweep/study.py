@@ -21,14 +21,14 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from objectives import OBJECTIVES
-from sweep import checks, mps, trial_process
+from sweep import checks, folders, mps, trial_process
 from sweep.config import Config, Study
 from sweep.errors import ConfigError
 from sweep.placement import Placement, learned_peaks
 from sweep.results import Status
 from sweep.space import suggest
 from sweep.tracking import Tracker
-from sweep.trial import Heartbeat, ask, run_one
+from sweep.trial import Heartbeat, ask, owner_gone, run_one, upload_pending
 
 MAX_SPARES = 4  # trial processes kept imported ahead per GPU (each holds ~0.6 GiB of RAM)
 
@@ -72,7 +72,8 @@ def run(
         },
     )
     study.set_user_attr("vram_budget_gb", study_cfg.vram_budget_gb)
-    fail_orphans(study, companion, tracker)
+    fail_orphans(study, companion, tracker, study_cfg.retries)
+    upload_pending(study, tracker)
     placement = Placement(gpus, per_gpu, jobs, study_cfg.vram_budget_gb,
                           learned_peaks(study.get_trials(deepcopy=False)))  # fmt: skip
     if placement.limit > 1:
@@ -147,6 +148,8 @@ def launch_trials(cfg, study_cfg, study, companion, tracker, placement, workers,
             return
         if trial_process.INTERRUPT.is_set():
             return
+        # as Optuna's own optimize does before each trial: a sweep that died since we started
+        fail_orphans(study, companion, tracker, study_cfg.retries)
         if _grid_done(study):
             if not workers.running():
                 console.print("every grid point has run")
@@ -199,11 +202,27 @@ def run_and_report(cfg, study_cfg, trial, params, companion, tracker, placement,
     console.print(f"trial {trial.number} {state.name.lower()} {_summary(study, trial.number)}")
 
 
-def fail_orphans(study: optuna.Study, companion: optuna.Study, tracker: Tracker) -> None:
-    """Trials left RUNNING by a sweep that died (kill -9, power loss) become FAIL once their
-    heartbeat is stale; each is queued again with its parameters (`retries`), and its MLflow
-    run is closed as failed. Their trial processes died with that sweep (PR_SET_PDEATHSIG)."""
+def fail_orphans(
+    study: optuna.Study, companion: optuna.Study, tracker: Tracker, retries: int = 1
+) -> None:
+    """Trials left RUNNING by a sweep that died (kill -9, power loss) become FAIL: at once when
+    their owner ran on this host and that process is gone (any storage, the journal file
+    too), else once their heartbeat is stale (an owner on another host; SQL storages). Each is
+    queued again with its parameters (`retries`), and its MLflow run is closed as failed.
+    Their trial processes died with that sweep (PR_SET_PDEATHSIG). Run before every trial."""
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    dead = [t for t in running if owner_gone(t.user_attrs.get("owner"))]
+    if dead:
+        retry = checks.RetryOrphans(retries)
+        mirrors = companion.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        for old in dead:
+            study._storage.set_trial_state_values(old._trial_id, state=TrialState.FAIL)
+            retry(study, study._storage.get_trial(old._trial_id))
+            for mirror in mirrors:
+                if mirror.user_attrs.get("trial_number") == old.number:
+                    companion._storage.set_trial_state_values(
+                        mirror._trial_id, state=TrialState.FAIL
+                    )
     with warnings.catch_warnings():  # "experimental" since Optuna 2.9
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
@@ -230,6 +249,7 @@ def open_study(study_cfg: Study, storage, objective) -> optuna.Study:
             )
         except optuna.exceptions.DuplicatedStudyError:  # another sweep created it just now
             return open_study(study_cfg, storage, objective)
+        study.set_user_attr(folders.KEY, folders.new_key(study_cfg.name))
         study.set_user_attr("task", study_cfg.task)
         study.set_user_attr("metric", objective.METRIC)
         study.set_user_attr("eval_set", objective.eval_set(study_cfg.data.dir))
@@ -237,6 +257,7 @@ def open_study(study_cfg: Study, storage, objective) -> optuna.Study:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([objective.METRIC, "peak_memory_gib"])
         return study
+    folders.study_key(study, wait_s=10)  # created a moment ago by another sweep: its key
     stored = study.user_attrs.get("task")
     if stored != study_cfg.task:
         raise ConfigError(

@@ -21,7 +21,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from sweep import trial_process
+from sweep import folders, trial_process
 from sweep.config import Config, Model, Study
 from sweep.placement import Slot
 from sweep.results import Status, TrialResult
@@ -48,12 +48,15 @@ def run_one(
     """Run one trial to its end; `slot` says where (its GPU and CPU threads). `spares`: keep
     that many processes for the next trials started now, so their imports overlap this trial.
     `on_memory` receives the trial's GPU peak so far while it trains."""
-    trial_dir = cfg.storage.trials / study_cfg.name / str(trial.number)
+    trial_dir = folders.trial_folder(cfg.storage.trials, trial.study, trial.number)
     trial_dir.mkdir(parents=True, exist_ok=True)
-    spec_path = write_spec(cfg, study_cfg, params, trial_dir)
+    belongs = {"study_key": folders.study_key(trial.study), "trial_number": trial.number}
+    spec_path = write_spec(cfg, study_cfg, params, trial_dir, belongs)
     mirror = ask(companion)
     mirror.set_user_attr("trial_number", trial.number)
-    run_id = tracker.start_trial(trial.number, params, {"trial_dir": str(trial_dir)})
+    # the study key tells apart runs of same-named studies in other storages (one experiment)
+    tags = {"trial_dir": str(trial_dir), "study_key": belongs["study_key"]}
+    run_id = tracker.start_trial(trial.number, params, tags)
     trial.set_user_attr("mlflow_run_id", run_id)
     trial.set_user_attr("trial_dir", str(trial_dir))
     trial.set_user_attr("host", socket.gethostname())
@@ -82,16 +85,64 @@ def run_one(
         companion.tell(mirror, result.last_val_loss)
     else:  # pruned, failed, or out of memory before any validation loss
         companion.tell(mirror, state=state if state != TrialState.COMPLETE else TrialState.FAIL)
-    tracker.finish_trial(run_id, result, trial_dir, MLFLOW_STATE[state])
+    finish_mlflow(
+        tracker, trial.study, trial.number, run_id, trial_dir, MLFLOW_STATE[state], result
+    )
     return state, result
+
+
+PENDING = "mlflow_pending:"  # study attribute per trial whose MLflow upload failed
+
+
+def finish_mlflow(
+    tracker,
+    study,
+    number: int,
+    run_id: str,
+    trial_dir: Path,
+    state: str,
+    result: TrialResult | None = None,
+) -> bool:
+    """The trial's metrics and files into its MLflow run. The trial is already stored in
+    Optuna with its adapter on disk: a failure here (artifact store gone, tracking server
+    down) is said once and recorded on the study, and the next `sweep run` uploads it
+    (`upload_pending`); the sweep goes on."""
+    try:
+        if result is None:  # a later upload: what the trial wrote
+            path = trial_dir / "result.json"
+            result = TrialResult.load(path) if path.is_file() else TrialResult(Status.FAILED)
+        tracker.finish_trial(run_id, result, trial_dir, state)
+    except Exception as err:  # noqa: BLE001 - any failure of the upload, said and recorded
+        line = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        print(f"trial {number}: MLflow upload failed ({line}); stored in Optuna, adapter in "
+              f"{trial_dir}; the next sweep run uploads it", flush=True)  # fmt: skip
+        entry = {"run_id": run_id, "trial_dir": str(trial_dir), "state": state, "error": line}
+        study.set_user_attr(f"{PENDING}{number}", entry)
+        return False
+    if study.user_attrs.get(f"{PENDING}{number}"):
+        study.set_user_attr(f"{PENDING}{number}", None)
+    return True
+
+
+def upload_pending(study, tracker) -> None:
+    """Upload what earlier MLflow failures left out (`finish_mlflow`)."""
+    for key, entry in study.user_attrs.items():
+        if key.startswith(PENDING) and entry:
+            number = int(key.removeprefix(PENDING))
+            if finish_mlflow(tracker, study, number, entry["run_id"], Path(entry["trial_dir"]),
+                             entry["state"]):  # fmt: skip
+                print(f"trial {number}: uploaded to MLflow now", flush=True)
 
 
 def ask(study: optuna.Study) -> optuna.Trial:
     """study.ask(), without Optuna's warning that heartbeats belong to study.optimize: this
-    sweep beats from its own loop (Heartbeat below)."""
+    sweep beats from its own loop (Heartbeat below). The trial is marked as this process's at
+    once (`owner`), so no other sweep takes it for an orphan."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Heartbeat of storage is supposed", UserWarning)
-        return study.ask()
+        trial = study.ask()
+    trial.set_user_attr("owner", owner())
+    return trial
 
 
 class Watch:
@@ -138,10 +189,37 @@ class Heartbeat:
             self.last = time.monotonic()
 
 
-def write_spec(cfg: Config, study_cfg: Study, params: dict, trial_dir: Path) -> Path:
-    """spec.json for the child; config.json is the resolved study config kept with the trial."""
+def owner() -> dict:
+    """Who runs a trial: this host, this sweep process and when it started (a reused pid is
+    another process)."""
+    import psutil
+
+    me = psutil.Process()
+    return {"host": socket.gethostname(), "pid": me.pid, "started": me.create_time()}
+
+
+def owner_gone(recorded: dict | None) -> bool:
+    """Whether the sweep that owns a trial provably died: it ran on this host and no process
+    with its pid and start time exists. Owners on other hosts are left to the heartbeat."""
+    import psutil
+
+    if not recorded or recorded.get("host") != socket.gethostname():
+        return False
+    try:
+        started = psutil.Process(recorded["pid"]).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError):
+        return True
+    return abs(started - recorded.get("started", started)) > 1.0
+
+
+def write_spec(
+    cfg: Config, study_cfg: Study, params: dict, trial_dir: Path, belongs: dict | None = None
+) -> Path:
+    """spec.json for the child; config.json is the resolved study config kept with the trial.
+    `belongs`: the study key and trial number the folder belongs to (sweep/folders.py)."""
     model = cfg.models[params["model"]]
     spec = {
+        **(belongs or {}),
         "study": study_cfg.name,
         "task": study_cfg.task,
         "model": model_spec(model),
@@ -246,6 +324,8 @@ def tell(trial: optuna.Trial, result: TrialResult, budget_gib: float) -> TrialSt
             "wall_seconds": result.wall_seconds,
             "device": result.device,
         }
+    if result.status == Status.FAILED and result.metrics:  # measured, then e.g. not saved
+        attrs["metrics"] = result.metrics
     for key, value in attrs.items():
         trial.set_user_attr(key, value)
     study = trial.study

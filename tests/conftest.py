@@ -60,6 +60,25 @@ def study_trials(folder: Path, name: str = "tiny") -> list:
     return optuna.load_study(study_name=name, storage=storage).trials
 
 
+def study_folder(folder: Path, name: str = "tiny", wait_s: float = 120) -> Path:
+    """The parent of study `name`'s trial folders under folder/storage/trials: its name with
+    the random suffix drawn when the study was created (sweep/folders.py). Waits for it."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = sorted((folder / "storage" / "trials").glob(f"{name}-*"))
+        if found or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def trial_folder(folder: Path, number: int, name: str = "tiny") -> Path:
+    return study_folder(folder, name) / str(number)
+
+
 def _pythonpath() -> str:
     return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 

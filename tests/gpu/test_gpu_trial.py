@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from tests.conftest import run_cli, write_config
+from tests.conftest import run_cli, trial_folder, write_config
 
 pytestmark = pytest.mark.gpu
 
@@ -49,7 +49,7 @@ def test_16bit_methods_on_the_gpu(tmp_path, shared_data, method, graphed):
     sets = (f'space.method=["{method}"]', "train.max_steps=20", "train.batch_size=16")
     (trial,) = _sweep(tmp_path, shared_data, 1, *sets)
     assert trial.state.name == "COMPLETE" and trial.user_attrs["method"] == method
-    log = (tmp_path / "storage/trials/tiny/0/stdout.log").read_text()
+    log = (trial_folder(tmp_path, 0) / "stdout.log").read_text()
     (event,) = [json.loads(line.split(" ", 1)[1]) for line in log.splitlines() if '"model"' in line]
     assert event["method"] == method and (event["graphed_layers"] > 0) == graphed
     assert trial.user_attrs["last_val_loss"] < 20  # it trained: a finite validation loss
@@ -68,7 +68,7 @@ def test_out_of_memory_under_the_budget_is_infeasible(tmp_path, shared_data):
         # so the whole footprint stays near the budget: above it only by what the context
         # grows afterwards (kernels loaded lazily)
         assert 0.5 < trial.user_attrs["peak_memory_gib"] <= 1.0 + 0.5, trial.user_attrs
-        log = (tmp_path / "storage/trials/tiny" / str(trial.number) / "stdout.log").read_text()
+        log = (trial_folder(tmp_path, trial.number) / "stdout.log").read_text()
         assert '"event": "memory_cap"' in log
 
 
@@ -81,4 +81,4 @@ def test_squad_trial_generates_on_the_gpu(tmp_path, shared_data):
     )
     (trial,) = _sweep(tmp_path, shared_data, 1, *sets, task="squad")
     assert trial.state.name == "COMPLETE" and trial.user_attrs["metrics"]["eval_examples"] == 64
-    assert (tmp_path / "storage/trials/tiny/0/predictions.json").is_file()
+    assert (trial_folder(tmp_path, 0) / "predictions.json").is_file()

@@ -64,7 +64,7 @@ def test_fast_path_answers_as_generate_does(tiny_model):
     questions = ["Hi", "What is the capital of France?", "2+2?", "Tell me a story", "Why?"] * 2
     examples = [{"messages": chat(q, None)} for q in questions]
     stats = {}
-    fast = generate(model, tokenizer, examples, 4, 12, stats=stats)
+    fast = generate(model, tokenizer, examples, 4, 12, fast=True, stats=stats)
     plain = generate(model, tokenizer, examples, 4, 12, fast=False)
     assert fast == plain and all(fast)
     assert stats["dense_weights"] and stats["batches"] == 3 and stats["tokens"] > 0
@@ -78,7 +78,7 @@ def test_fast_path_on_the_embedded_model_answers_squad_as_generate(embedded_mode
 
     model, tokenizer = _adapted(embedded_model)
     rows = squad.load(shared_data, 1, 1, 200, 0, "")[2]
-    fast = generate(model, tokenizer, rows, 16, 16)
+    fast = generate(model, tokenizer, rows, 16, 16, fast=True)
     plain = generate(model, tokenizer, rows, 16, 16, fast=False)
     same = sum(a == b for a, b in zip(fast, plain, strict=True))
     assert len(rows) == 200 and same >= 0.99 * len(rows), same

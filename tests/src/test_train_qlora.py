@@ -65,3 +65,29 @@ def test_trainer_counts_flops_as_the_hf_trainer_with_one_parameter_count(
     monkeypatch.setattr(model, "num_parameters", lambda **kw: counted.append(1) or count(**kw))
     assert want > 0 and [trainer.floating_point_ops(batch) for _ in range(3)] == [want] * 3
     assert len(counted) == 1  # counted once, not at every step
+
+
+def test_an_adapter_that_cannot_be_saved_fails_with_its_metric(
+    tmp_path, monkeypatch, tiny_model, shared_data
+):
+    """Disk full at the save (injected): the trial still evaluates, then ends FAILED with
+    the reason and its measured metric (issue 18)."""
+    from sweep import config, trial
+    from tests.conftest import write_config
+
+    cfg = config.load(write_config(tmp_path, tiny_model, shared_data))
+    study = cfg.studies["tiny"]
+    params = {"model": "tiny", "method": "qlora", "r": 4, "lora_alpha": 8.0, "lr": 1e-3}
+    folder = tmp_path / "trial"
+    folder.mkdir()
+    spec = trial.write_spec(cfg, study, params | {"dropout": 0.0}, folder)
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train_qlora, "save_weights", disk_full)
+    result = train_qlora.main(spec)
+    saved = json.loads((folder / "result.json").read_text())
+    assert result.status.value == saved["status"] == "failed"
+    assert saved["error"].startswith("adapter not saved: [Errno 28] No space left on device")
+    assert 0 <= saved["metrics"]["accuracy"] <= 1 and not (folder / "adapter").exists()

@@ -10,7 +10,11 @@ import sqlite3
 import subprocess
 import time
 
-from tests.conftest import run_cli, start_sweep, study_trials, write_config
+import optuna
+import pytest
+
+from sweep import checks
+from tests.conftest import run_cli, start_sweep, study_trials, trial_folder, write_config
 
 
 def _child_pid(spec) -> int:
@@ -39,11 +43,11 @@ def test_kill_9_of_the_sweep_then_resume_retries_the_orphan(tmp_path, tiny_model
     first = run_cli("run", "--study", "tiny", "--config", str(cfg), "--n-trials", "1")
     assert first.returncode == 0, first.stderr[-2000:]
     finished = study_trials(tmp_path)[0]
-    adapter = tmp_path / "storage/trials/tiny/0/adapter/adapter_model.safetensors"
+    adapter = trial_folder(tmp_path, 0) / "adapter/adapter_model.safetensors"
     adapter_bytes = adapter.read_bytes()
 
     sweep = start_sweep(cfg, "train.max_steps=100000")
-    spec = tmp_path / "storage" / "trials" / "tiny" / "1" / "spec.json"
+    spec = trial_folder(tmp_path, 1) / "spec.json"
     try:
         _child_pid(spec)
         sweep.kill()  # SIGKILL: no handler of ours runs
@@ -66,12 +70,46 @@ def test_kill_9_of_the_sweep_then_resume_retries_the_orphan(tmp_path, tiny_model
     assert runs["trial-2"] == "FINISHED"
 
 
+@pytest.mark.parametrize("storage", ["sqlite", "journal"])
+def test_restart_right_after_kill_9_retries_the_orphan_at_once(
+    tmp_path, tiny_model, shared_data, storage
+):
+    """Issue 18: kill -9 mid-trial, `sweep run` again within 5 s (the heartbeat, 30 s by
+    default, is still fresh; a journal has none): the orphan's owner is provably gone (same
+    host, its process dead), so it is failed and queued again during the second run."""
+    cfg = write_config(tmp_path, tiny_model, shared_data)
+    url = f"journal:{tmp_path}/storage/optuna.journal" if storage == "journal" else None
+    sweep = start_sweep(cfg, "train.max_steps=100000", storage=url)
+    spec = trial_folder(tmp_path, 0) / "spec.json"
+    try:
+        _child_pid(spec)
+        sweep.kill()  # SIGKILL: no handler of ours runs
+        sweep.wait()
+        killed = time.monotonic()
+        args = ["run", "--study", "tiny", "--config", str(cfg), "--n-trials", "1"]
+        again = run_cli(*args, *(["--storage", url] if url else []))
+        assert time.monotonic() - killed < 600
+    finally:
+        sweep.kill()
+        subprocess.run(["pkill", "-9", "-f", str(spec)])
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "trial 0: its sweep died; marked failed, queued again" in again.stdout
+    assert _alive(spec) == ""  # no process of the first sweep is left
+    opened = optuna.load_study(
+        study_name="tiny",
+        storage=checks.make_storage(url) if url else f"sqlite:///{tmp_path}/storage/optuna.db",
+    )
+    trials = opened.trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert trials[1].params == trials[0].params  # the retry: same parameters
+
+
 def test_crashed_trial_process_fails_with_its_reason_and_the_sweep_goes_on(
     tmp_path, tiny_model, shared_data
 ):
     cfg = write_config(tmp_path, tiny_model, shared_data)
     sweep = start_sweep(cfg, "train.max_steps=100000", "n_trials=1")
-    spec = tmp_path / "storage" / "trials" / "tiny" / "0" / "spec.json"
+    spec = trial_folder(tmp_path, 0) / "spec.json"
     try:
         os.kill(_child_pid(spec), signal.SIGSEGV)
         sweep.communicate(timeout=120)
@@ -104,7 +142,7 @@ def test_over_the_memory_budget_is_infeasible_not_failed(tmp_path, tiny_model, s
 
 def test_hung_trial_times_out(tmp_path, tiny_model, shared_data):
     cfg = write_config(tmp_path, tiny_model, shared_data, extra="trial_timeout_s = 20.0")
-    spec = tmp_path / "storage" / "trials" / "tiny" / "0" / "spec.json"
+    spec = trial_folder(tmp_path, 0) / "spec.json"
     out = run_cli(
         "run", "--study", "tiny", "--config", str(cfg), "--n-trials", "1",
         "--set", "train.max_steps=100000",
@@ -123,7 +161,7 @@ def test_sqlite_in_wal_mode_and_only_plain_files_cross_processes(tmp_path, tiny_
     for name in ("optuna.db", "mlflow.db"):
         db = sqlite3.connect(tmp_path / "storage" / name)
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    folder = tmp_path / "storage" / "trials" / "tiny" / "0"
+    folder = trial_folder(tmp_path, 0)
     assert json.loads((folder / "spec.json").read_text())["model"]["trust_remote_code"] is False
     assert (folder / "adapter" / "adapter_model.safetensors").is_file()
     assert not [p for p in folder.rglob("*") if p.suffix in (".bin", ".pt", ".pkl", ".pth")]

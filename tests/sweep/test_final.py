@@ -7,7 +7,7 @@ import sqlite3
 
 import optuna
 
-from tests.conftest import run_cli, write_config
+from tests.conftest import run_cli, trial_folder, write_config
 
 
 def test_final_scores_the_front_on_more_rows(tmp_path, tiny_model, shared_data):
@@ -23,7 +23,7 @@ def test_final_scores_the_front_on_more_rows(tmp_path, tiny_model, shared_data):
     assert sorted(stored) == sorted(f"final:{t.number}" for t in front)
     for entry in stored.values():
         assert entry["examples"] == 48 and 0 <= entry["metrics"]["accuracy"] <= 1
-        trial_dir = tmp_path / "storage/trials/tiny" / str(entry["trial"])
+        trial_dir = trial_folder(tmp_path, entry["trial"])
         assert (trial_dir / "final").is_dir()  # its files, apart from the trial's own
     assert "final accuracy" in out.stdout and "(n=48)" in out.stdout  # `best`, printed after
     db = sqlite3.connect(tmp_path / "storage" / "mlflow.db")

@@ -10,7 +10,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.conftest import run_cli, start_sweep, write_config
+from tests.conftest import run_cli, start_sweep, study_folder, write_config
 
 POSTGRES = os.environ.get("SWEEP_TEST_POSTGRES")
 
@@ -75,7 +75,7 @@ def test_two_sweeps_on_postgresql(tmp_path, tiny_model, shared_data, postgres_ur
     ended = _two_sweeps(cfg, optuna_url)
     url = optuna_url.replace("postgresql://", "postgresql+psycopg://")
     study = optuna.load_study(study_name="tiny", storage=url)
-    _check_shared(study, ended, tmp_path / "storage" / "trials" / "tiny")
+    _check_shared(study, ended, study_folder(tmp_path))
 
 
 def test_two_sweeps_on_a_journal_file(tmp_path, tiny_model, shared_data):
@@ -84,4 +84,4 @@ def test_two_sweeps_on_a_journal_file(tmp_path, tiny_model, shared_data):
     ended = _two_sweeps(cfg, f"journal:{journal}")
     backend = optuna.storages.journal.JournalFileBackend(str(journal))
     study = optuna.load_study(study_name="tiny", storage=optuna.storages.JournalStorage(backend))
-    _check_shared(study, ended, tmp_path / "storage" / "trials" / "tiny")
+    _check_shared(study, ended, study_folder(tmp_path))

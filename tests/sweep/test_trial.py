@@ -91,3 +91,44 @@ def test_watch_passes_the_running_gpu_peak_to_placement():
     assert watch({"event": "train", "step": 1, "loss": 2.0, "tokens": 64, "gpu_gib": 5.5}) is False
     assert watch({"event": "train", "step": 2, "loss": 1.9, "tokens": 128}) is False  # CPU trial
     assert seen == [5.5] and watch.last == {"tokens": 128}
+
+
+def test_a_failed_save_keeps_the_measured_metric():
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    trial = study.ask()
+    error = "adapter not saved: [Errno 28] No space left on device"
+    result = TrialResult(Status.FAILED, metrics={"accuracy": 0.75}, error=error)
+    assert tell(trial, result, 24.0) == optuna.trial.TrialState.FAIL
+    attrs = study.trials[0].user_attrs
+    assert attrs["reason"] == "adapter not saved" and attrs["metrics"] == {"accuracy": 0.75}
+
+
+class _Tracker:
+    """MLflow's side of a trial: fails while `broken` (the artifact store is gone)."""
+
+    def __init__(self):
+        self.broken, self.finished = True, []
+
+    def finish_trial(self, run_id, result, trial_dir, state):
+        if self.broken:
+            raise OSError(2, "No such file or directory", "storage/mlartifacts/1/abc")
+        self.finished.append((run_id, result.status, state))
+
+
+def test_an_mlflow_failure_is_said_recorded_and_uploaded_by_the_next_run(tmp_path, capsys):
+    from sweep.trial import finish_mlflow, upload_pending
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    TrialResult(Status.SUCCESS, metrics={"accuracy": 0.8}).save(tmp_path / "result.json")
+    tracker = _Tracker()
+    result = TrialResult.load(tmp_path / "result.json")
+    assert not finish_mlflow(tracker, study, 3, "run-3", tmp_path, "FINISHED", result)
+    said = capsys.readouterr().out.strip().splitlines()
+    assert len(said) == 1 and "trial 3: MLflow upload failed" in said[0]
+    assert study.user_attrs["mlflow_pending:3"]["run_id"] == "run-3"
+    tracker.broken = False  # the store is back: the next sweep run uploads what is missing
+    upload_pending(study, tracker)
+    assert tracker.finished == [("run-3", Status.SUCCESS, "FINISHED")]
+    assert study.user_attrs["mlflow_pending:3"] is None
+    upload_pending(study, tracker)  # nothing left: no second upload
+    assert len(tracker.finished) == 1
