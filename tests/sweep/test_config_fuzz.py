@@ -6,8 +6,6 @@ goes through the config loader and the pre-run checks in-process; no trial start
 from __future__ import annotations
 
 import copy
-import shutil
-import tempfile
 import tomllib
 from pathlib import Path
 
@@ -51,12 +49,26 @@ VALUES = st.one_of(
 MUTATIONS = st.sampled_from(["replace", "delete", "extra", "wrap_list", "wrap_table", "empty"])
 
 
+def _anchored(raw: dict, folder: Path) -> dict:
+    """The shipped config as it reads from the checkout, written elsewhere: data folders
+    absolute (they are relative to sweep.toml), storage and caches inside `folder`."""
+    raw = copy.deepcopy(raw)
+    for table in raw.get("studies", {}).values():
+        if isinstance(table.get("data"), dict) and "dir" in table["data"]:
+            table["data"]["dir"] = str((ROOT / table["data"]["dir"]).resolve())
+    storage = raw.setdefault("storage", {})
+    for key, value in list(storage.items()):
+        storage[key] = (
+            value.replace("sqlite:///", f"sqlite:///{folder}/")
+            if value.startswith("sqlite:///")
+            else str(folder / value)
+        )
+    return raw
+
+
 @pytest.fixture(scope="module")
-def folder():
-    """Next to the checkout, so the shipped relative paths (../shared/data) still resolve."""
-    path = Path(tempfile.mkdtemp(prefix="sweep-fuzz-", dir=ROOT.parent))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+def folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("fuzz")
 
 
 def _mutate(raw: dict, path: tuple, how: str, value):
@@ -104,7 +116,7 @@ def _check(path: Path) -> None:
 )
 @given(st.lists(st.tuples(st.sampled_from(PATHS), MUTATIONS, VALUES), min_size=1, max_size=3))
 def test_a_mutated_config_is_accepted_or_one_line(folder, mutations):
-    raw = copy.deepcopy(SHIPPED)
+    raw = _anchored(SHIPPED, folder)
     for path, how, value in mutations:
         try:
             _mutate(raw, path, how, value)
@@ -125,7 +137,7 @@ def test_a_mutated_config_is_accepted_or_one_line(folder, mutations):
 @given(st.integers(min_value=0, max_value=10_000), st.binary(min_size=1, max_size=8))
 def test_broken_bytes_are_one_line(folder, at, junk):
     """Non-UTF-8 bytes and truncated or spliced text: TOML errors name line and column."""
-    data = (ROOT / "sweep.toml").read_bytes()
+    data = tomli_w.dumps(_anchored(SHIPPED, folder)).encode()
     at %= len(data)
     target = folder / "sweep.toml"
     target.write_bytes(data[:at] + junk + data[at + len(junk) :])
@@ -150,7 +162,7 @@ def test_mutated_configs_through_the_command_line(folder, mutation):
     from tests.conftest import run_cli
     from tests.sweep.test_cli import _snapshot
 
-    raw = copy.deepcopy(SHIPPED)
+    raw = _anchored(SHIPPED, folder)
     try:
         _mutate(raw, *mutation)
         text = tomli_w.dumps(raw)
