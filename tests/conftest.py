@@ -67,7 +67,7 @@ def study_folder(folder: Path, name: str = "tiny", wait_s: float = 120) -> Path:
 
     deadline = time.monotonic() + wait_s
     while True:
-        found = sorted((folder / "storage" / "trials").glob(f"{name}-*"))
+        found = sorted((folder / "storage" / "trials").glob(f"{name}-" + "[0-9a-f]" * 8))
         if found or time.monotonic() > deadline:
             break
         time.sleep(0.2)

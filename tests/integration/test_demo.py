@@ -11,7 +11,7 @@ import sqlite3
 import optuna
 import pytest
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, trial_folder
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +33,7 @@ def test_demo_study_end_to_end(tmp_path, shared_data, embedded_model):
     assert best >= 0.70, [t.values for t in done]
     for t in done:
         assert t.user_attrs["metrics"]["eval_examples"] == 160
-        trial_dir = tmp_path / "storage" / "trials" / "demo" / str(t.number)
+        trial_dir = trial_folder(tmp_path, t.number, "demo")
         assert (trial_dir / "adapter" / "adapter_model.safetensors").exists()
     db = sqlite3.connect(tmp_path / "storage" / "mlflow.db")
     names = {n for (n,) in db.execute("select name from runs")}

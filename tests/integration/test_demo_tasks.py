@@ -11,7 +11,7 @@ import json
 import optuna
 import pytest
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, trial_folder
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +42,7 @@ def test_demo_squad(tmp_path, shared_data, embedded_model):
     out = run_cli(
         "score",
         "squad",
-        str(tmp_path / "storage/trials/demo-squad/0/predictions.json"),
+        str(trial_folder(tmp_path, 0, "demo-squad") / "predictions.json"),
         "--data",
         str(shared_data),
     )
@@ -63,6 +63,6 @@ def test_demo_alpacaeval(tmp_path, shared_data, embedded_model):
     )
     metrics = trial.user_attrs["metrics"]
     assert metrics["n_total"] == 10 and 0 <= metrics["win_rate"] <= 100
-    annotations = tmp_path / "storage/trials/demo-alpacaeval/0/annotations.json"
+    annotations = trial_folder(tmp_path, 0, "demo-alpacaeval") / "annotations.json"
     out = run_cli("score", "alpacaeval", str(annotations), "--data", str(shared_data))
     assert json.loads(out.stdout)["win_rate"] == pytest.approx(metrics["win_rate"])
