@@ -11,6 +11,7 @@ file): Optuna hands each of them distinct trials.
 
 from __future__ import annotations
 
+import datetime
 import signal
 import threading
 import time
@@ -211,7 +212,10 @@ def fail_orphans(
     queued again with its parameters (`retries`), and its MLflow run is closed as failed.
     Their trial processes died with that sweep (PR_SET_PDEATHSIG). Run before every trial."""
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    dead = [t for t in running if owner_gone(t.user_attrs.get("owner"))]
+    now = datetime.datetime.now()
+    # a trial asked a moment ago may still carry the owner it was retried from
+    settled = [t for t in running if t.datetime_start and (now - t.datetime_start).seconds >= 2]
+    dead = [t for t in settled if owner_gone(t.user_attrs.get("owner"))]
     if dead:
         retry = checks.RetryOrphans(retries)
         mirrors = companion.get_trials(deepcopy=False, states=(TrialState.RUNNING,))

@@ -142,12 +142,12 @@ def test_over_the_memory_budget_is_infeasible_not_failed(tmp_path, tiny_model, s
 
 def test_hung_trial_times_out(tmp_path, tiny_model, shared_data):
     cfg = write_config(tmp_path, tiny_model, shared_data, extra="trial_timeout_s = 20.0")
-    spec = trial_folder(tmp_path, 0) / "spec.json"
     out = run_cli(
         "run", "--study", "tiny", "--config", str(cfg), "--n-trials", "1",
         "--set", "train.max_steps=100000",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
+    spec = trial_folder(tmp_path, 0) / "spec.json"
     (trial,) = study_trials(tmp_path)
     assert trial.state.name == "FAIL" and trial.user_attrs["reason"] == "timeout"
     assert _alive(spec) == ""
