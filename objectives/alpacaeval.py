@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from objectives import judges, winrate
-from objectives.common import chat, generation_options, open_text, split_train_val, subset
+from objectives.common import chat, generate_answers, open_text, split_train_val, subset
 
 METRIC = "win_rate"
 DIRECTION = "maximize"
@@ -129,16 +129,7 @@ def metrics(annotations: list[dict], difficulties: dict[str, float] | None) -> d
 
 
 def evaluate(model, tokenizer, examples: list[dict], settings: dict, out_dir: Path) -> dict:
-    from src.generation import generate  # torch lives in the trial process only
-
-    texts = generate(
-        model,
-        tokenizer,
-        examples,
-        settings["batch_size"],
-        settings["max_new_tokens"],
-        **generation_options(settings),
-    )
+    texts = generate_answers(model, tokenizer, examples, settings)
     generator = f"{out_dir.parent.name}-trial-{out_dir.name}"
     outputs = [
         {

@@ -37,12 +37,19 @@ def subset(rows: list[Any], n: int, seed: int) -> list[Any]:
     return [rows[i] for i in keep]
 
 
-def generation_options(settings: dict) -> dict:
-    """What the trial adds to the [eval] settings for src/generation.generate: the fast path
-    or `model.generate` (the benchmark's plain trial), the memory evaluation must stay
-    within (the training peak), and a dict to fill with what generation did."""
-    return {
-        "fast": settings.get("fast_generation"),  # None: the fast path where it pays (CUDA)
-        "limit_bytes": settings.get("memory_limit_bytes"),
-        "stats": settings.get("generation_stats"),
-    }
+def generate_answers(model, tokenizer, examples: list[dict], settings: dict) -> list[str]:
+    """src/generation.generate with the [eval] settings and what the trial adds to them: the
+    fast path or `model.generate` (the benchmark's plain trial), the memory evaluation must
+    stay within (the training peak), and a dict to fill with what generation did."""
+    from src.generation import generate  # torch lives in the trial process only
+
+    return generate(
+        model,
+        tokenizer,
+        examples,
+        settings["batch_size"],
+        settings["max_new_tokens"],
+        fast=settings.get("fast_generation"),  # None: the fast path where it pays (CUDA)
+        limit_bytes=settings.get("memory_limit_bytes"),
+        stats=settings.get("generation_stats"),
+    )

@@ -19,7 +19,7 @@ import string
 from collections import Counter
 from pathlib import Path
 
-from objectives.common import chat, generation_options, open_text, split_train_val, subset
+from objectives.common import chat, generate_answers, open_text, split_train_val, subset
 
 METRIC = "f1"
 DIRECTION = "maximize"
@@ -160,16 +160,7 @@ def first_line(generated: str) -> str:
 
 
 def evaluate(model, tokenizer, examples: list[dict], settings: dict, out_dir: Path) -> dict:
-    from src.generation import generate  # torch lives in the trial process only
-
-    texts = generate(
-        model,
-        tokenizer,
-        examples,
-        settings["batch_size"],
-        settings["max_new_tokens"],
-        **generation_options(settings),
-    )
+    texts = generate_answers(model, tokenizer, examples, settings)
     predictions = {e["id"]: first_line(t) for e, t in zip(examples, texts, strict=True)}
     (out_dir / "predictions.json").write_text(json.dumps(predictions, indent=1))
     result = score(predictions, {e["id"]: e["answers"] for e in examples})
