@@ -13,6 +13,7 @@ validation loss, recording why on the trial (never silently).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from objectives import judges, winrate
@@ -97,33 +98,52 @@ def read_references(data_dir: Path | None) -> list[dict]:
         return json.load(f)
 
 
-def difficulty(data_dir: Path | None, cache_dir: Path | None) -> dict[str, float]:
-    """Instruction difficulties for the length-controlled win rate (see objectives/winrate.py).
+def lc_inputs(data_dir: Path | None, cache_dir: Path | None) -> winrate.LCInputs:
+    """Instruction difficulties and the gamed baselines' rows for the length-controlled win
+    rate (see objectives/winrate.py).
 
-    Offline: estimated from the annotation pool in the data folder, cached in `cache_dir`.
-    Hub: AlpacaEval's published instruction_difficulty.csv.
+    Offline: from the data folder (annotation pool, published GLM coefficients, the gamed
+    variants' outputs), cached in `cache_dir`. Hub: AlpacaEval's own
+    instruction_difficulty.csv and df_gamed.csv.
     """
     if data_dir is None:
         import csv
 
+        import numpy as np
         from huggingface_hub import hf_hub_download
 
         path = hf_hub_download(HUB_EVAL[0], "instruction_difficulty.csv", repo_type="dataset")
         with open(path, newline="") as f:  # an index column, then the difficulty (row order)
             values = [float(row[-1]) for row in list(csv.reader(f))[1:]]
-        return {r["instruction"]: v for r, v in zip(read_references(None), values, strict=True)}
-    return winrate.offline_difficulty(data_dir, cache_dir)
+        references = read_references(None)
+        difficulty = {r["instruction"]: v for r, v in zip(references, values, strict=True)}
+        path = hf_hub_download(HUB_EVAL[0], "df_gamed.csv", repo_type="dataset")
+        with open(path, newline="") as f:  # preference already in [0, 1] (theirs concatenates)
+            rows = list(csv.DictReader(f))
+        gamed = np.array(
+            [
+                [
+                    math.tanh(float(r["std_delta_len"])),
+                    float(r["instruction_difficulty"]),
+                    float(r["preference"]),
+                ]
+                for r in rows
+                if r["preference"] not in ("", "nan")
+            ]
+        )
+        return difficulty, gamed
+    return winrate.offline_inputs(data_dir, cache_dir)
 
 
-def metrics(annotations: list[dict], difficulties: dict[str, float] | None) -> dict:
-    """win_rate, standard_error, counts and (given difficulties) the length-controlled rate.
+def metrics(annotations: list[dict], inputs: winrate.LCInputs | None) -> dict:
+    """win_rate, standard_error, counts and (given `lc_inputs`) the length-controlled rate.
 
     The length-controlled rate needs at least MIN_LC_ROWS annotations (its GLM is fitted with
     5-fold cross-validation); below that it is left out, not guessed.
     """
     out = winrate.win_rate(annotations)
-    if difficulties and len(annotations) >= MIN_LC_ROWS:
-        lc = winrate.length_controlled(annotations, difficulties)
+    if inputs and len(annotations) >= MIN_LC_ROWS:
+        lc = winrate.length_controlled(annotations, *inputs)
         out |= {k: v for k, v in lc.items() if k != "glm_weights"}
     return out
 
@@ -150,7 +170,7 @@ def evaluate(model, tokenizer, examples: list[dict], settings: dict, out_dir: Pa
     (out_dir / "annotations.json").write_text(json.dumps(annotations, indent=1))
     data_dir = Path(settings["data_dir"]) if settings.get("data_dir") else None
     cache = Path(settings["cache_dir"]) if settings.get("cache_dir") else None
-    return metrics(annotations, difficulty(data_dir, cache)) | {"eval_examples": len(examples)}
+    return metrics(annotations, lc_inputs(data_dir, cache)) | {"eval_examples": len(examples)}
 
 
 def run_judge(judge: dict, records: list[dict], model, tokenizer, settings: dict) -> list:

@@ -44,7 +44,7 @@ def score(
         rows = judge_outputs(rows, judge, judge_model, data_dir, cfg)
     check_fields(rows, ANNOTATION_FIELDS, "FILE")
     cache = cfg.storage.cache if cfg else None
-    return alpacaeval.metrics(rows, alpacaeval.difficulty(data_dir, cache))
+    return alpacaeval.metrics(rows, alpacaeval.lc_inputs(data_dir, cache))
 
 
 def score_squad(predictions: dict, dataset: Path | None, data_dir: Path | None) -> dict:

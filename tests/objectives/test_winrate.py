@@ -6,6 +6,7 @@ import csv
 import math
 import statistics
 
+import numpy as np
 import pytest
 
 from objectives import alpacaeval, winrate
@@ -53,28 +54,90 @@ def test_hand_made_preferences():
         winrate.win_rate([{"preference": None}])
 
 
-def test_length_controlled_win_rate_against_the_leaderboard(annotations, board, shared_data):
-    """Offline difficulty estimate and no gamed-baseline regularisation: not exact.
+@pytest.fixture(scope="module")
+def leaderboard(shared_data):
+    return {r["model"]: r for r in winrate.leaderboard_rows(shared_data)}
 
-    Measured: median |deviation| 2.2 points, 13 of 57 within 1 point, worst 25 (gpt4_gamed);
-    docs/objectives.md has the table. This guards those figures against regressions.
+
+def test_length_controlled_win_rate_against_the_leaderboard(leaderboard):
+    """Leaving each model out of everything its LC uses (difficulties, gamed rows).
+
+    Measured: median |deviation| 0.55 points, max 2.67 (claude-2); all models in: 0.54;
+    docs/objectives.md has the table. The old estimate (joint GLM, no gamed rows) gave 2.2.
     """
-    difficulty = alpacaeval.difficulty(shared_data, None)
-    assert len(difficulty) == 805
-    deviations = {}
-    for name, rows in annotations.items():
-        if name in board and board[name]["length_controlled_winrate"]:
-            lc = winrate.length_controlled(rows, difficulty)["length_controlled_winrate"]
-            deviations[name] = lc - float(board[name]["length_controlled_winrate"])
-    size = sorted(abs(d) for d in deviations.values())
-    assert deviations["gpt4_1106_preview"] == 0  # the baseline against itself: 50 by definition
-    assert statistics.median(size) < 2.5, deviations
-    assert sum(d <= 1 for d in size) >= 12, deviations
+    assert len(leaderboard) == 57
+    assert leaderboard["gpt4_1106_preview"]["lc_left_out"] == 50  # the baseline: by definition
+    for key in ("lc_left_out", "lc_all"):
+        size = [abs(r[key] - r["board_lc"]) for r in leaderboard.values()]
+        assert statistics.median(size) <= 1.0, (key, sorted(size))
+        assert max(size) < 3.5, (key, sorted(size))
     # the ranking is what a sweep uses: rank correlation with the published LC rates
-    names = sorted(deviations)
-    ours = [deviations[n] + float(board[n]["length_controlled_winrate"]) for n in names]
-    theirs = [float(board[n]["length_controlled_winrate"]) for n in names]
-    assert _spearman(ours, theirs) > 0.95
+    names = sorted(leaderboard)
+    ours = [leaderboard[n]["lc_left_out"] for n in names]
+    theirs = [leaderboard[n]["board_lc"] for n in names]
+    assert _spearman(ours, theirs) > 0.98
+
+
+def test_offline_inputs_follow_the_data_folder(shared_data, tmp_path):
+    """With the published coefficients: difficulties on the official scale (not standardised)
+    and 2 x 805 gamed rows; without them (an older data folder): the joint estimate, no rows.
+    Both cached under the files they came from."""
+    difficulty, gamed = alpacaeval.lc_inputs(shared_data, tmp_path / "cache")
+    assert len(difficulty) == 805 and gamed.shape == (2 * 805, 3)
+    assert ((gamed[:, 2] > 0) & (gamed[:, 2] < 1)).all()
+    assert alpacaeval.lc_inputs(shared_data, tmp_path / "cache")[0] == difficulty  # from cache
+    old = tmp_path / "old"
+    (old / winrate.ANNOTATION_POOL).mkdir(parents=True)
+    for name in ("alpaca-7b", "claude-2", "gpt4_gamed"):
+        src = shared_data / winrate.ANNOTATION_POOL / f"{name}.json.xz"
+        (old / winrate.ANNOTATION_POOL / src.name).write_bytes(src.read_bytes())
+    fallback, none = alpacaeval.lc_inputs(old, None)
+    assert none is None and len(fallback) == 805
+    assert abs(np.mean(list(fallback.values()))) < 1e-6  # standardised
+
+
+def test_fixed_coefficient_difficulty_recovers_known_difficulties():
+    rng = np.random.default_rng(0)
+    gamma = rng.normal(0, 1.5, 200)
+    pool, coefficients = {}, {}
+    for m in range(40):
+        phi, psi, theta = -rng.uniform(0.5, 2.5), rng.uniform(0.6, 1.2), rng.normal(-1, 1.2)
+        coefficients[f"m{m}"] = np.array([phi, psi, theta])
+        lengths = rng.integers(100, 3000, gamma.size)
+        rows = [
+            {"instruction": f"i{i}", "output_1": "x" * 1500, "output_2": "x" * int(n)}
+            for i, n in enumerate(lengths)
+        ]
+        t = winrate.length_features(rows)
+        p = 1 / (1 + np.exp(-(phi * t + psi * gamma + theta)))
+        for r, pi in zip(rows, p, strict=True):
+            r["preference"] = 1 + pi
+        pool[f"m{m}"] = rows
+    pool["no-coefficients"] = pool["m0"]
+    found = winrate.fixed_coefficient_difficulty(pool, coefficients)
+    estimate = np.array([found[f"i{i}"] for i in range(gamma.size)])
+    assert np.abs(estimate - gamma).max() < 0.05  # noiseless labels: the exact values back
+
+
+def test_gamed_rows_take_no_bias_and_a_fifth_of_the_weight():
+    """Rows of a gamed variant move the length and difficulty weights, never the bias: a model
+    judged only against a gamed variant that always loses still gets its own win rate."""
+    rng = np.random.default_rng(1)
+    rows = [
+        {
+            "instruction": f"i{i}",
+            "output_1": "x" * 500,
+            "output_2": "x" * int(rng.integers(100, 900)),
+            "preference": 1 + float(rng.uniform(0.6, 0.9)),
+        }
+        for i in range(200)
+    ]
+    difficulty = {f"i{i}": float(rng.normal()) for i in range(200)}
+    alone = winrate.length_controlled(rows, difficulty)
+    gamed = np.column_stack([rng.uniform(-1, 1, 400), rng.normal(size=400), np.full(400, 0.01)])
+    pulled = winrate.length_controlled(rows, difficulty, gamed)
+    assert 60 < alone["length_controlled_winrate"] < 90
+    assert abs(pulled["length_controlled_winrate"] - alone["length_controlled_winrate"]) < 10
 
 
 def _spearman(a: list[float], b: list[float]) -> float:
