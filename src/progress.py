@@ -27,6 +27,9 @@ class ProgressCallback(TrainerCallback):
         self.memory = memory
         self.train_seconds = 0.0
         self._t0 = 0.0
+        # the learning curve, kept in the trial's result.json: [step, tokens, train loss] per
+        # step; [step, validation loss, validation accuracy or None] per validation
+        self.curve: dict[str, list] = {"train": [], "val": []}
 
     def on_train_begin(self, args, state, control, **kwargs):
         emit("train_begin")
@@ -41,7 +44,15 @@ class ProgressCallback(TrainerCallback):
         self.train_seconds += time.perf_counter() - self._t0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "eval_accuracy" in logs:  # TrialTrainer.evaluate logs it after the loss
+            step, accuracy = state.global_step, logs["eval_accuracy"]
+            if self.curve["val"] and self.curve["val"][-1][0] == step:
+                self.curve["val"][-1][2] = accuracy
+            emit("eval_accuracy", step=step, val_accuracy=accuracy)
         if logs and "loss" in logs:
+            self.curve["train"].append(
+                [state.global_step, int(state.num_input_tokens_seen), float(logs["loss"])]
+            )
             gpu = self.memory.so_far() if self.memory is not None else None
             emit(
                 "train",
@@ -53,4 +64,5 @@ class ProgressCallback(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if metrics and "eval_loss" in metrics:
+            self.curve["val"].append([state.global_step, float(metrics["eval_loss"]), None])
             emit("eval", step=state.global_step, val_loss=metrics["eval_loss"])

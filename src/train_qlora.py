@@ -13,6 +13,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,6 +26,7 @@ from src.data import to_dataset
 from src.memory import PeakMemory
 from src.memory import cap as memory_cap
 from src.progress import ProgressCallback, emit
+from src.scoring import choice_logprobs
 from sweep.results import Status, TrialResult, git_state, package_versions
 
 
@@ -91,6 +94,12 @@ def train_and_evaluate(spec: dict, memory: PeakMemory, started: float) -> TrialR
 
     max_len = train_cfg["max_seq_len"]
     needed = train_cfg["max_steps"] * train_cfg["batch_size"] * train_cfg["grad_accum"]
+    if train_cfg.get("val_accuracy") and val_rows and hasattr(objective, "accuracy"):
+        val_accuracy = partial(
+            choice_accuracy, objective.accuracy, tokenizer, val_rows, spec["eval"]["batch_size"]
+        )
+    else:
+        val_accuracy = None
     trainer, progress = build_trainer(
         model,
         tokenizer,
@@ -101,6 +110,7 @@ def train_and_evaluate(spec: dict, memory: PeakMemory, started: float) -> TrialR
         out_dir,
         memory,
         plain,
+        val_accuracy,
     )
     clock.lap("data")
     trainer.train()
@@ -155,6 +165,7 @@ def train_and_evaluate(spec: dict, memory: PeakMemory, started: float) -> TrialR
         last_val_loss=val_losses[-1] if val_losses else None,
         phases={k: round(v, 3) for k, v in phases.items()},
         generation=generation,
+        curve=progress.curve,
         device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         versions=package_versions(),
         git=git_state(Path(__file__).resolve().parent.parent),
@@ -294,10 +305,12 @@ def build_trainer(
     out_dir: Path,
     memory: PeakMemory | None = None,
     plain: bool = False,
+    val_accuracy: Callable | None = None,
 ) -> tuple[Trainer, ProgressCallback]:
     """HF Trainer over tokenized datasets; `train_cfg["micro_batch"]` splits each batch into
     micro-batches with gradient accumulation (same optimizer steps, less activation memory).
-    `plain`: the plain recipe's padded batches (the whole-trial benchmark's baseline)."""
+    `plain`: the plain recipe's padded batches (the whole-trial benchmark's baseline).
+    `val_accuracy(model)`: logged as eval_accuracy after every validation loss."""
     cuda = torch.cuda.is_available()
     packing = train_cfg["packing"]
     micro = train_cfg["micro_batch"] or train_cfg["batch_size"]
@@ -339,6 +352,7 @@ def build_trainer(
         else speed.collator(tokenizer, train_cfg["packing"], cuda, cuda_graphs.installed(model)),
         callbacks=[progress],
     )
+    trainer.val_accuracy = val_accuracy
     return trainer, progress
 
 
@@ -350,11 +364,16 @@ class TrialTrainer(Trainer):
 
     _parameters: int | None = None
     validation_seconds = 0.0  # the validation losses' share of the training loop
+    val_accuracy: Callable | None = None
 
     def evaluate(self, *args, **kwargs):
         started = time.perf_counter()
         try:
-            return super().evaluate(*args, **kwargs)
+            metrics = super().evaluate(*args, **kwargs)
+            if self.val_accuracy is not None:
+                metrics["eval_accuracy"] = self.val_accuracy(self.model)
+                self.log({"eval_accuracy": metrics["eval_accuracy"]})
+            return metrics
         finally:
             self.validation_seconds += time.perf_counter() - started
 
@@ -364,6 +383,13 @@ class TrialTrainer(Trainer):
         if self._parameters is None:
             self._parameters = self.model.num_parameters(exclude_embeddings=True)
         return 6 * inputs["input_ids"].numel() * self._parameters
+
+
+def choice_accuracy(accuracy: Callable, tokenizer, rows: list[dict], batch: int, model) -> float:
+    """Accuracy of a choice task (sst2's `accuracy`) on `rows`, the validation rows: one
+    forward pass each (single-token answers), scored as the final evaluation scores."""
+    scores = choice_logprobs(model, tokenizer, rows, batch)
+    return accuracy(scores, [r["label"] for r in rows])
 
 
 def wait_for_spec() -> Path | None:

@@ -41,7 +41,18 @@ def cmd_run(args: argparse.Namespace) -> None:
         per_gpu,
         args.jobs,
         args.mps,
+        _read_enqueue(args.enqueue) if args.enqueue else None,
     )
+
+
+def _read_enqueue(path: Path) -> list[dict]:
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"cannot read {path}: {err}", "--enqueue") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and r for r in rows):
+        raise ConfigError("expected a JSON list of trial params objects", "--enqueue")
+    return rows
 
 
 def _per_gpu(text: str) -> int | None:
@@ -92,6 +103,34 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     out = best.export(_open(args, args.study)[2], args.trial, args.out.resolve())
     print(f"exported to {out}: load it with PeftModel.from_pretrained(base_model, {str(out)!r})")
+
+
+def cmd_curves(args: argparse.Namespace) -> None:
+    from sweep import curves
+
+    cfg = config.load(args.config)
+    if args.study not in cfg.studies:
+        raise ConfigError(f"no study {args.study!r} in {args.config}", "--study")
+    loaded = []
+    for url in args.storage or [cfg.storage.optuna]:
+        url = config.resolve_url(url, Path.cwd())
+        checks.check_storage_url(url)
+        loaded.append(status.load(args.study, checks.make_storage(url)))
+    if args.top_params:
+        curves.write(curves.top_params(loaded, args.top_params), args.out)
+    else:
+        alone = [int(n) for n in args.alone.split(",")] if args.alone else []
+        table = curves.build(loaded, cfg.storage.trials, alone, cfg.studies[args.study])
+        curves.write(table, args.out)
+        print(f"{len(table['runs'])} runs -> {args.out}")
+
+
+def _curves_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--study", required=True, help="study name: a [studies.NAME] table")
+    p.add_argument("--storage", action="append", help="Optuna storage URL (repeatable)")
+    p.add_argument("--alone", help="trial numbers (first storage) that ran alone: the cost model")
+    p.add_argument("--top-params", type=int, help="write the K best trials' params instead")
+    p.add_argument("--out", type=Path, required=True, help="FILE.json or FILE.json.xz")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -271,6 +310,12 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--jobs", type=int, default=1, help="trials at once on the CPU (default 1)")
     p.add_argument(
+        "--enqueue",
+        type=Path,
+        metavar="JSON",
+        help="a JSON list of trial params to run first (e.g. the best of another study)",
+    )
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="check config, storage, data, models and what evaluation needs; train nothing",
@@ -322,6 +367,7 @@ COMMANDS = {
     "ui": (cmd_ui, _server_args(5000, False), "the MLflow UI on the tracking store"),
     "bench": (cmd_bench, _bench_args, "trial path vs the plain QLoRA recipe: speed, memory"),
     "score": (cmd_score, _score_args, "task metrics of a predictions/annotations file, as JSON"),
+    "curves": (cmd_curves, _curves_args, "a study's learning curves as a table for `replay`"),
     "prepare": (cmd_prepare, lambda p: None, "convert the package-shipped models once"),
 }
 

@@ -61,6 +61,7 @@ class Train:
     max_seq_len: int = 512  # longer examples are truncated
     train_examples: int = 0  # training examples used (0 = all)
     val_examples: int = 256  # held-out training examples for the validation loss
+    val_accuracy: bool = False  # sst2: also the accuracy on them at every validation (curves)
     optimizer: str = "paged_adamw_8bit"  # or paged_adamw_32bit (any HF Trainer optim name)
     warmup_ratio: float = 0.05
     gradient_checkpointing: bool = True

@@ -52,6 +52,8 @@ class TrialResult:
     last_val_loss: float | None = None
     phases: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per phase
     generation: dict = dataclasses.field(default_factory=dict)  # src/generation.py's stats
+    # {"train": [[step, tokens, loss], ...], "val": [[step, val loss, val accuracy], ...]}
+    curve: dict = dataclasses.field(default_factory=dict)
     device: str = ""
     error: str = ""
     versions: dict[str, str] = dataclasses.field(default_factory=dict)

@@ -11,6 +11,7 @@ file): Optuna hands each of them distinct trials.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import signal
 import threading
@@ -46,13 +47,18 @@ def run(
     per_gpu: int | None = 1,  # None: auto, by learned peak memory
     jobs: int = 1,
     mps_mode: str = "auto",
+    enqueue: list[dict] | None = None,
 ) -> None:
+    """`enqueue`: configurations (trial params, as stored) to run first, e.g. the best ones
+    of another study again with another train.seed."""
     checks.before_run(cfg, study_cfg, storage_url)  # bad input fails here, before any write
     objective = OBJECTIVES[study_cfg.task]
     storage = checks.make_storage(
         storage_url or cfg.storage.optuna, study_cfg.heartbeat_s, study_cfg.retries
     )
     study = open_study(study_cfg, storage, objective)  # the last check: a stored study's task
+    for params in enqueue or []:
+        study.enqueue_trial(params, skip_if_exists=True)
     checks.enable_wal(storage_url or cfg.storage.optuna)
     checks.enable_wal(cfg.storage.mlflow)
     companion = optuna.create_study(
@@ -246,6 +252,15 @@ def open_study(study_cfg: Study, storage, objective) -> optuna.Study:
     directions = [objective.DIRECTION, "minimize"]
     try:
         study = optuna.load_study(study_name=study_cfg.name, storage=storage, sampler=sampler)
+        done = len(study.get_trials(deepcopy=False))
+        if done and "seed" in study_cfg.sampler.kwargs:
+            # a seeded sampler made anew would draw the first trials' configurations again
+            # (RandomSampler; TPE's start-up trials): resumed, it continues from another seed
+            seeded = dataclasses.replace(
+                study_cfg.sampler,
+                kwargs=study_cfg.sampler.kwargs | {"seed": study_cfg.sampler.kwargs["seed"] + done},
+            )
+            study.sampler = checks.make_sampler(seeded, study=study_cfg)
     except KeyError:
         try:
             study = optuna.create_study(

@@ -91,3 +91,26 @@ def test_an_adapter_that_cannot_be_saved_fails_with_its_metric(
     assert result.status.value == saved["status"] == "failed"
     assert saved["error"].startswith("adapter not saved: [Errno 28] No space left on device")
     assert 0 <= saved["metrics"]["accuracy"] <= 1 and not (folder / "adapter").exists()
+
+
+def test_the_learning_curve_is_kept_with_validation_accuracy(tmp_path, tiny_model, shared_data):
+    """Every step's tokens and loss, and at every validation its loss and (train.val_accuracy)
+    the accuracy on the same rows: what the learning-curve table is made of (issue 19)."""
+    from sweep import config, trial
+    from tests.conftest import write_config
+
+    path = write_config(tmp_path, tiny_model, shared_data)
+    cfg = config.load(path, ["train.val_accuracy=true"], "tiny")
+    study = cfg.studies["tiny"]
+    params = {"model": "tiny", "method": "qlora", "r": 4, "lora_alpha": 8.0, "lr": 1e-3}
+    folder = tmp_path / "trial"
+    folder.mkdir()
+    spec = trial.write_spec(cfg, study, params | {"dropout": 0.0}, folder)
+    result = train_qlora.main(spec)
+    curve = json.loads((folder / "result.json").read_text())["curve"]
+    assert [row[0] for row in curve["train"]] == [1, 2, 3, 4]
+    tokens = [row[1] for row in curve["train"]]
+    assert tokens == sorted(tokens) and tokens[-1] == result.train_tokens > 0
+    assert [row[0] for row in curve["val"]] == [2, 4]
+    assert all(row[1] > 0 and 0 <= row[2] <= 1 for row in curve["val"])
+    assert curve["val"][-1][1] == pytest.approx(result.last_val_loss)

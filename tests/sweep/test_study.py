@@ -49,6 +49,8 @@ def test_two_trial_sweep_then_resume(tmp_path, tiny_model, shared_data):
     assert second.returncode == 0, second.stderr[-3000:]
     after = study_trials(tmp_path)
     assert len(after) == 3 and [t.values for t in after[:2]] == [t.values for t in trials]
+    # the seeded sampler, made anew, did not draw trial 0's configuration again
+    assert after[2].params["lr"] not in {t.params["lr"] for t in trials}
 
     status = run_cli("status", "--study", "tiny", "--config", str(cfg))
     assert status.returncode == 0 and status.stdout.count("complete") == 3

