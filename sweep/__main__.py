@@ -133,6 +133,37 @@ def _curves_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="FILE.json or FILE.json.xz")
 
 
+def cmd_replay(args: argparse.Namespace) -> None:
+    from sweep import curves, replay
+
+    if args.seeds <= 0 or args.budget <= 0:
+        raise ConfigError(
+            "--seeds and --budget must be > 0", "--seeds" if args.seeds <= 0 else "--budget"
+        )
+    if not args.table.is_file():
+        raise ConfigError(f"no such file: {args.table}", "--table")
+    try:
+        table = curves.read(args.table)
+    except (OSError, ValueError, EOFError) as err:
+        raise ConfigError(f"not a learning-curve table: {err}", "--table") from None
+    cfg = config.load(args.config)
+    names = args.strategies.split(",") if args.strategies else None
+    result = replay.replay(table, cfg, args.study, args.seeds, args.budget, names)
+    if args.plot:
+        replay.plot(result, args.plot)
+    print(json.dumps(result, indent=1) if args.json else replay.show(result))
+
+
+def _replay_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--table", type=Path, required=True, help="a `sweep curves` table")
+    p.add_argument("--study", help="whose sampler and pruner (default: [defaults]' on the table)")
+    p.add_argument("--seeds", type=int, default=20, help="replays per strategy (default 20)")
+    p.add_argument("--budget", type=float, default=30, help="full trials' cost per seed (30)")
+    p.add_argument("--strategies", help="only these of the alternatives (comma-separated)")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    p.add_argument("--plot", type=Path, help="anytime curves as a PNG")
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from sweep import report, tracking
 
@@ -368,6 +399,7 @@ COMMANDS = {
     "bench": (cmd_bench, _bench_args, "trial path vs the plain QLoRA recipe: speed, memory"),
     "score": (cmd_score, _score_args, "task metrics of a predictions/annotations file, as JSON"),
     "curves": (cmd_curves, _curves_args, "a study's learning curves as a table for `replay`"),
+    "replay": (cmd_replay, _replay_args, "a sampler and pruner against a learning-curve table"),
     "prepare": (cmd_prepare, lambda p: None, "convert the package-shipped models once"),
 }
 

@@ -146,6 +146,8 @@ class Config:
     studies: dict[str, Study]
 
 
+DEFAULT_SAMPLER = {"name": "TPESampler"}
+DEFAULT_PRUNER = {"name": "MedianPruner"}
 DEFAULT_STORAGE = {
     "optuna": "sqlite:///storage/optuna.db",
     "mlflow": "sqlite:///storage/mlflow.db",
@@ -336,8 +338,8 @@ def _study(name: str, table: dict, models: dict[str, Model], root: Path) -> Stud
         models=tuple(names),
         space=_dataclass(Space, table.get("space", {}), f"{key}.space"),
         n_trials=_check_type(table["n_trials"], int, f"{key}.n_trials"),
-        sampler=_component(table.get("sampler", {"name": "TPESampler"}), f"{key}.sampler"),
-        pruner=_component(table.get("pruner", {"name": "MedianPruner"}), f"{key}.pruner"),
+        sampler=_component(table.get("sampler", DEFAULT_SAMPLER), f"{key}.sampler"),
+        pruner=_component(table.get("pruner", DEFAULT_PRUNER), f"{key}.pruner"),
         train=_dataclass(Train, table.get("train", {}), f"{key}.train"),
         eval=_dataclass(Eval, table.get("eval", {}), f"{key}.eval"),
         data=_data(table.get("data", {}), root, f"{key}.data"),
@@ -349,6 +351,15 @@ def _study(name: str, table: dict, models: dict[str, Model], root: Path) -> Stud
     )
     _check_values(study, key)
     return study
+
+
+def default_strategy(cfg: Config) -> tuple[Component, Component]:
+    """[defaults]' sampler and pruner: what a study that names neither runs with."""
+    raw = tomllib.loads(cfg.path.read_text(encoding="utf-8")).get("defaults", {})
+    return (
+        _component(raw.get("sampler", DEFAULT_SAMPLER), "defaults.sampler"),
+        _component(raw.get("pruner", DEFAULT_PRUNER), "defaults.pruner"),
+    )
 
 
 def _component(table: dict, key: str) -> Component:

@@ -55,6 +55,17 @@ def test_two_trial_sweep_then_resume(tmp_path, tiny_model, shared_data):
     status = run_cli("status", "--study", "tiny", "--config", str(cfg))
     assert status.returncode == 0 and status.stdout.count("complete") == 3
 
+    # the learning-curve table of these trials (sweep/curves.py; `sweep replay` reads it)
+    table = tmp_path / "curves.json"
+    made = run_cli(
+        "curves", "--study", "tiny", "--config", str(cfg), "--alone", "0", "--out", str(table)
+    )
+    assert made.returncode == 0, made.stderr[-2000:]
+    data = json.loads(table.read_text())
+    assert len(data["runs"]) == 3 and data["train"]["max_steps"] == 4
+    assert data["cost"]["tokens_per_s"] > 0 and data["cost"]["from_trials"] == [0]
+    assert [len(r["tokens"]) for r in data["runs"]] == [4, 4, 4]
+
 
 def test_pruned_trial_stops_early(tmp_path, tiny_model, shared_data):
     # ThresholdPruner(upper=0) prunes at the first validation loss, deterministically
