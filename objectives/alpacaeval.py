@@ -162,6 +162,7 @@ def evaluate(model, tokenizer, examples: list[dict], settings: dict, out_dir: Pa
     ]
     (out_dir / "model_outputs.json").write_text(json.dumps(outputs, indent=1))
     records = pair_records(outputs, {e["instruction"]: e["reference"] for e in examples})
+    settings.get("on_phase", lambda name: None)("judging")
     try:
         prefs = run_judge(settings["judge"], records, model, tokenizer, settings)
     except judges.JudgeUnavailable as err:

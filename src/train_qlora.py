@@ -137,6 +137,7 @@ def train_and_evaluate(spec: dict, memory: PeakMemory, started: float) -> TrialR
         # evaluation stays within what training needed (CUDA; the budget caps it anyway)
         "memory_limit_bytes": train_reserved or None,
         "generation_stats": generation,
+        "on_phase": lambda name: emit("phase", name=name),  # e.g. judging (the live view)
     }
     metrics = objective.evaluate(model, tokenizer, eval_rows, settings, out_dir)
     clock.lap("evaluation")
@@ -368,6 +369,7 @@ class TrialTrainer(Trainer):
 
     def evaluate(self, *args, **kwargs):
         started = time.perf_counter()
+        emit("validating", step=self.state.global_step)
         try:
             metrics = super().evaluate(*args, **kwargs)
             if self.val_accuracy is not None:

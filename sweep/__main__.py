@@ -73,7 +73,17 @@ def _open(args: argparse.Namespace, study_name: str | None):
 
 
 def cmd_status(args: argparse.Namespace) -> None:
-    status.show(_open(args, args.study)[2])
+    _, storage, loaded = _open(args, args.study)
+    if args.watch:
+        status.watch(args.study, storage, args.every)
+    else:
+        status.show(loaded)
+
+
+def _status_args(p: argparse.ArgumentParser) -> None:
+    _study_args(p)
+    p.add_argument("--watch", action="store_true", help="the running trials, live, until Ctrl-C")
+    p.add_argument("--every", type=float, default=2.0, help="--watch: seconds between reads")
 
 
 def cmd_best(args: argparse.Namespace) -> None:
@@ -387,7 +397,7 @@ COMMANDS = {
     "run": (cmd_run, _run_args, "create or resume a study and run trials"),
     "status": (
         cmd_status,
-        _study_args,
+        _status_args,
         "one row per trial: state, params, metric, peak memory, tokens/s",
     ),
     "best": (cmd_best, _study_args, "the Pareto-optimal trials: best metric for its memory"),
@@ -412,12 +422,29 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--config", type=Path, default=Path("sweep.toml"), help="default: sweep.toml"
         )
+        p.add_argument(
+            "--verbose", action="store_true", help="show the libraries' own log lines too"
+        )
         add_args(p)
     return top
 
 
+def quiet_libraries() -> None:
+    """Optuna's study lines, MLflow's and Alembic's database set-up: log records below
+    WARNING are not for the user of a sweep (`--verbose` keeps them)."""
+    import logging
+    import os
+
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for name in ("mlflow", "alembic", "urllib3", "httpx", "datasets", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if not args.verbose:
+        quiet_libraries()
     try:
         COMMANDS[args.command][0](args)
     except ConfigError as err:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import datetime
+import time
 from pathlib import Path
 
 import optuna
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
-from sweep import rows
+from sweep import live, rows
 from sweep.errors import ConfigError
 
 STATE_STYLE = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan"}
@@ -22,6 +24,47 @@ def load(study_name: str, storage) -> optuna.Study:
         raise ConfigError(
             f"no study {study_name!r} in this storage yet (run it first)", "--study"
         ) from None
+
+
+def running_rows(study: optuna.Study) -> list[dict]:
+    """The live rows the sweep wrote onto its running trials (sweep/live.py), elapsed time
+    counted from each trial's start; a trial that wrote none yet shows as starting."""
+    out = []
+    now = datetime.datetime.now()
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        row = dict(t.user_attrs.get(live.LIVE) or {})
+        if not row:
+            row = {"number": t.number, "phase": "starting", "step": 0, "max_steps": "?"}
+            row |= {k: t.params.get(k) for k in ("model", "r", "lr")}
+        if t.datetime_start:
+            row["elapsed_s"] = (now - t.datetime_start).total_seconds()
+        out.append(row)
+    return out
+
+
+def watch(study_name: str, storage, every_s: float = 2.0) -> None:
+    """The sweep's live table from the storage, until Ctrl-C (`status --watch`)."""
+    console = Console()
+
+    def draw() -> tuple[dict, list[dict]]:
+        study = load(study_name, storage)
+        return live.header(study, study.user_attrs.get("planned")), running_rows(study)
+
+    if not console.is_terminal:  # one snapshot per interval, as lines
+        try:
+            while True:
+                head, rows_now = draw()
+                console.print(live.render(head, rows_now), soft_wrap=True)
+                time.sleep(every_s)
+        except KeyboardInterrupt:
+            return
+    try:
+        with Live(live.render(*draw()), console=console, auto_refresh=False) as view:
+            while True:
+                time.sleep(every_s)
+                view.update(live.render(*draw()), refresh=True)
+    except KeyboardInterrupt:
+        return
 
 
 def show(study: optuna.Study) -> None:

@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from objectives import OBJECTIVES
-from sweep import checks, folders, mps, trial_process
+from sweep import checks, folders, live, mps, trial_process
 from sweep.config import Config, Study
 from sweep.errors import ConfigError
 from sweep.placement import Placement, learned_peaks
@@ -34,7 +34,7 @@ from sweep.trial import Heartbeat, ask, owner_gone, run_one, upload_pending
 
 MAX_SPARES = 4  # trial processes kept imported ahead per GPU (each holds ~0.6 GiB of RAM)
 
-console = Console()
+console = Console(soft_wrap=True)  # whole lines: the terminal (or a log file) wraps them
 
 
 def run(
@@ -95,9 +95,20 @@ def run(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, trial_process.on_signal)
     workers = Workers()
+    total = n_trials or study_cfg.n_trials
+    planned = len(study.get_trials(deepcopy=False)) + total
+    study.set_user_attr("planned", planned)  # for `status --watch`
+
+    def draw() -> tuple[dict, list[dict]]:
+        slots = f"{len(placement.running)}/{placement.limit} slots in use" + (
+            f" on GPUs {','.join(map(str, gpus))}" if gpus else "")  # fmt: skip
+        return live.header(study, planned, slots), live.BOARD.rows()
+
     try:
-        launch_trials(cfg, study_cfg, study, companion, tracker, placement, workers,
-                      n_trials or study_cfg.n_trials, timeout_s)  # fmt: skip
+        with live.View(console, draw):
+            launch_trials(cfg, study_cfg, study, companion, tracker, placement, workers,
+                          total, timeout_s)  # fmt: skip
+            workers.join()  # the view stays while the last trials run
     finally:
         workers.join()  # an interrupt stops every trial process; each trial is stored
         trial_process.SPARES.close()

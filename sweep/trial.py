@@ -21,7 +21,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from sweep import folders, trial_process
+from sweep import folders, live, trial_process
 from sweep.config import Config, Model, Study
 from sweep.placement import Slot
 from sweep.results import Status, TrialResult
@@ -63,7 +63,9 @@ def run_one(
     if slot is not None and slot.gpu is not None:
         trial.set_user_attr("gpu", slot.gpu)
 
-    watch = Watch(tracker, run_id, mirror, on_memory)
+    progress = live.Progress(trial.number, params, study_cfg.train.max_steps)
+    live.BOARD.add(progress)
+    watch = Watch(tracker, run_id, mirror, on_memory, progress, trial)
     beat = Heartbeat(trial.storage, [trial._trial_id, mirror._trial_id])
     kills_before = trial_process.oom_kills()
     env = slot.env() if slot else {}
@@ -77,6 +79,8 @@ def run_one(
     except BaseException:  # a crash of the sweep itself: the child must not live on
         trial_process.stop(proc)
         raise
+    finally:
+        live.BOARD.remove(trial.number)
     kills_after = trial_process.oom_kills()
     oom_killed = kills_before is not None and kills_after is not None and kills_after > kills_before
     result = outcome(ended, proc.returncode, trial_dir, watch.last, oom_killed)
@@ -152,13 +156,20 @@ class Watch:
     """
 
     def __init__(self, tracker: Tracker, run_id: str, mirror: optuna.Trial,
-                 on_memory: Callable[[float], None] = lambda gib: None):  # fmt: skip
+                 on_memory: Callable[[float], None] = lambda gib: None,
+                 progress: live.Progress | None = None,
+                 trial: optuna.Trial | None = None):  # fmt: skip
         self.tracker, self.run_id, self.mirror = tracker, run_id, mirror
         self.on_memory = on_memory  # the GPU peak so far, from train events (placement)
         self.last: dict = {}  # the latest validation event, with the training tokens so far
+        # the live view's row: in this process, and onto the trial for `status --watch`
+        self.progress, self.trial, self.written, self.phase = progress, trial, 0.0, None
 
     def __call__(self, event: dict) -> bool:
         self.tracker.log_event(self.run_id, event)
+        if self.progress is not None:
+            self.progress.update(event)
+            self.share()
         if event["event"] == "train":
             self.last = {**self.last, "tokens": event.get("tokens", 0)}
             if event.get("gpu_gib"):
@@ -168,6 +179,19 @@ class Watch:
         self.last = {**self.last, **event}
         self.mirror.report(event["val_loss"], event["step"])
         return self.mirror.should_prune()
+
+    def share(self) -> None:
+        """The trial's row onto the storage: at a new phase, else every WRITE_EVERY_S."""
+        now = time.monotonic()
+        if self.trial is None:
+            return
+        if self.progress.phase == self.phase and now - self.written < live.WRITE_EVERY_S:
+            return
+        self.phase, self.written = self.progress.phase, now
+        try:
+            self.trial.set_user_attr(live.LIVE, self.progress.row())
+        except Exception:  # noqa: BLE001 - a busy storage must not stop the trial; next time
+            self.written = now - live.WRITE_EVERY_S / 2
 
 
 class Heartbeat:
