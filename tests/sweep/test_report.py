@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -187,3 +188,101 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# --- what a person sees: the pages in headless Chromium (Debian's, driven by Playwright) ---
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Chromium is not installed (apt-get install chromium; .ci/run does)"
+    with sync_playwright() as p:
+        launched = p.chromium.launch(
+            executable_path=chromium, args=["--no-sandbox", "--disable-gpu"]
+        )
+        yield launched
+        launched.close()
+
+
+def _page(browser, errors: list):
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    page.on("console", lambda msg: msg.type == "error" and errors.append(msg.text))
+    return page
+
+
+@pytest.mark.browser
+def test_report_in_a_browser(study_dir, browser):
+    """Every image of report.html loads; every interactive page draws its plot; no errors."""
+    folder = study_dir / "storage" / "reports" / "tiny"
+    if not (folder / "report.html").exists():
+        out = _cli(study_dir, "report", "--study", "tiny", "--examples", "0")
+        assert out.returncode == 0, out.stderr[-3000:]
+    errors: list = []
+    page = _page(browser, errors)
+    page.goto((folder / "report.html").as_uri())
+    page.wait_for_load_state("load")
+    images = page.eval_on_selector_all(
+        "img", "els => els.map(e => [e.getAttribute('src'), e.complete && e.naturalWidth])"
+    )
+    assert len(images) >= 8 and all(width > 100 for _, width in images), images
+    page.screenshot(path=str(study_dir / "report-browser.png"))
+    for html in sorted(folder.glob("*.html")):
+        if html.name == "report.html":
+            continue
+        page.goto(html.as_uri())
+        page.wait_for_selector(".js-plotly-plot .main-svg", timeout=30_000)
+    assert errors == []
+
+
+@pytest.mark.browser
+def test_dashboard_in_a_browser(study_dir, browser):
+    """optuna-dashboard: the study page draws the Pareto front; the trials page lists all."""
+    port = _free_port()
+    proc = _serve(study_dir, "dashboard", "--study", "tiny", "--port", str(port))
+    errors: list = []
+    try:
+        studies = _get_json(f"http://127.0.0.1:{port}/api/studies", proc)["study_summaries"]
+        study_id = next(s["study_id"] for s in studies if s["study_name"] == "tiny")
+        page = _page(browser, errors)
+        page.goto(f"http://127.0.0.1:{port}/dashboard/studies/{study_id}")
+        page.get_by_text("Pareto Front").first.wait_for(timeout=60_000)
+        page.wait_for_selector(".js-plotly-plot .main-svg", timeout=60_000)
+        page.screenshot(path=str(study_dir / "dashboard-browser.png"))
+        page.goto(f"http://127.0.0.1:{port}/dashboard/studies/{study_id}/trials")
+        for n in range(3):
+            page.get_by_text(f"Trial {n}", exact=False).first.wait_for(timeout=60_000)
+        page.screenshot(path=str(study_dir / "dashboard-trials-browser.png"))
+    finally:
+        _stop(proc)
+    assert errors == []
+
+
+@pytest.mark.browser
+def test_mlflow_ui_in_a_browser(study_dir, browser):
+    """The MLflow UI's runs page of the study's experiment lists the study's runs."""
+    port = _free_port()
+    proc = _serve(study_dir, "ui", "--port", str(port))
+    try:
+        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=10"
+        found = _get_json(url, proc, timeout=90)
+        experiment = next(e for e in found["experiments"] if e["name"] == "tiny")
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search",
+            data=json.dumps({"experiment_ids": [experiment["experiment_id"]]}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            runs = json.loads(response.read())["runs"]
+        names = {r["info"]["run_name"] for r in runs}
+        assert {"tiny", "trial-0", "trial-1", "trial-2"} <= names
+        page = _page(browser, [])
+        page.goto(f"http://127.0.0.1:{port}/#/experiments/{experiment['experiment_id']}/runs")
+        page.get_by_text(f"{len(runs)} matching runs").first.wait_for(timeout=90_000)
+        page.get_by_text("tiny", exact=True).first.wait_for(timeout=30_000)
+        page.screenshot(path=str(study_dir / "mlflow-browser.png"))
+    finally:
+        _stop(proc)
