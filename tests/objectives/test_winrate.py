@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import statistics
 
@@ -161,3 +162,33 @@ def test_preference_is_symmetric_in_the_order_shown():
     assert preference_from_logprobs(lp_m, lp_big, swapped=False) == pytest.approx(1.2)
     assert preference_from_logprobs(lp_m, lp_big, swapped=True) == pytest.approx(1.8)
     assert preference_from_logprobs(-math.inf, 0.0, swapped=False) == pytest.approx(2.0)
+
+
+def test_hub_inputs_are_the_official_files(shared_data, tmp_path, monkeypatch):
+    """Without a data folder the LC inputs are AlpacaEval's own hub files: the difficulty
+    column of instruction_difficulty.csv (row order = the references' order) and df_gamed.csv's
+    rows (tanh of its standardised length, its difficulty, its preference in [0, 1]). The hub
+    is not reachable here: the downloads are served from files written in that format."""
+    import huggingface_hub
+
+    references = alpacaeval.read_references(shared_data)
+    files = {
+        alpacaeval.HUB_EVAL[1]: tmp_path / "refs.json",
+        "instruction_difficulty.csv": tmp_path / "difficulty.csv",
+        "df_gamed.csv": tmp_path / "df_gamed.csv",
+    }
+    files[alpacaeval.HUB_EVAL[1]].write_text(json.dumps(references))
+    lines = ["index,instruction_difficulty"] + [f"{i},{i / 100 - 4}" for i in range(805)]
+    files["instruction_difficulty.csv"].write_text("\n".join(lines))
+    gamed = ["index,preference,std_delta_len,instruction_difficulty,not_gamed_baseline,model"]
+    gamed += [f"{i},0.25,{(-1) ** i * 0.5},{i / 100 - 4},False,gpt4_1106_preview_verbose"
+              for i in range(805)]  # fmt: skip
+    gamed.append("7,,0.1,0.0,False,gpt4_1106_preview_verbose")  # no preference: left out
+    files["df_gamed.csv"].write_text("\n".join(gamed))
+    monkeypatch.setattr(
+        huggingface_hub, "hf_hub_download", lambda repo, name, **kw: str(files[name])
+    )
+    difficulty, rows = alpacaeval.lc_inputs(None, None)
+    assert difficulty[references[3]["instruction"]] == pytest.approx(3 / 100 - 4)
+    assert rows.shape == (805, 3)
+    assert rows[1].tolist() == pytest.approx([math.tanh(-0.5), 1 / 100 - 4, 0.25])
