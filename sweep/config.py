@@ -436,6 +436,11 @@ def _check_values(study: Study, key: str) -> None:
         if method not in METHODS:
             raise unknown("method", method, METHODS, f"{key}.space.method[{i}]")
     _check_judge(study.eval.judge, f"{key}.eval.judge")
+    if study.train.val_accuracy and not hasattr(OBJECTIVES[study.task], "accuracy"):
+        raise ConfigError(
+            f"the {study.task} task has no accuracy to validate (sst2 has)",
+            f"{key}.train.val_accuracy",
+        )
     if study.data.train_set is not None and study.task != "alpacaeval":
         raise ConfigError("only the alpacaeval task reads a train_set", f"{key}.data.train_set")
     if train.micro_batch < 0 or (train.micro_batch and train.batch_size % train.micro_batch):

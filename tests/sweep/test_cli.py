@@ -80,6 +80,10 @@ BAD = [
     (["--study", "tiny", "--set", "eval.judge={name='gpt5'}"], "unknown judge 'gpt5'"),
     (["--study", "tiny", "--set", "eval.judge={name='openai'}"], "needs model"),
     (["--study", "tiny", "--set", "data.train_set='x.json'"], "only the alpacaeval task"),
+    (
+        ["--study", "tiny", "--set", 'task="squad"', "--set", "train.val_accuracy=true"],
+        "has no accuracy to validate",
+    ),
     (["--study", "tiny", "--set", "train.max_steps.x=3"], "train.max_steps is not a table"),
     (["--study", "tiny", "--n-trials", "0"], "--n-trials: must be > 0"),
     (["--study", "tiny", "--timeout", "-1"], "--timeout: must be > 0"),
