@@ -52,7 +52,7 @@ def cap(budget_gib: float) -> float | None:
     return fraction
 
 
-def _cpu_peak_bytes() -> int:
+def cpu_peak_bytes() -> int:
     """This process's peak resident memory since start or since the last `_reset_cpu_peak`
     (Linux's VmHWM; elsewhere getrusage's lifetime peak)."""
     try:
@@ -129,7 +129,7 @@ class PeakMemory:
             peak, reserved = self.so_far(), torch.cuda.max_memory_reserved()
             torch.cuda.reset_peak_memory_stats()
         else:
-            peak, reserved = _cpu_peak_bytes() / GIB, 0
+            peak, reserved = cpu_peak_bytes() / GIB, 0
             _reset_cpu_peak()
         self.phase_peak = peak
         return peak, reserved
@@ -145,4 +145,4 @@ class PeakMemory:
             self.reserved_gib = torch.cuda.max_memory_reserved() / GIB
             kind = "cuda_process" if self.nvml_now else "cuda_reserved"
             return self.so_far(), kind, (self.nvml_peak / GIB if self.nvml_now else None)
-        return _cpu_peak_bytes() / GIB, "cpu_rss", None
+        return cpu_peak_bytes() / GIB, "cpu_rss", None

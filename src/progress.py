@@ -8,6 +8,8 @@ import time
 
 from transformers import TrainerCallback
 
+from src.memory import cpu_peak_bytes
+
 PREFIX = "SWEEP_PROGRESS "  # the sweep reads lines with this prefix; anything else is just logged
 
 
@@ -54,6 +56,10 @@ class ProgressCallback(TrainerCallback):
                 [state.global_step, int(state.num_input_tokens_seen), float(logs["loss"])]
             )
             gpu = self.memory.so_far() if self.memory is not None else None
+            if gpu is None and self.memory is not None and state.global_step % 10 == 1:
+                # the CPU: the process's resident peak so far, for the live view only (the
+                # sweep packs GPUs by gpu_gib); read every 10 steps, it is a /proc read
+                emit("memory", cpu_gib=round(cpu_peak_bytes() / 2**30, 3))
             emit(
                 "train",
                 step=state.global_step,

@@ -35,6 +35,7 @@ PHASES = {  # progress event -> phase shown
     "evaluating": "evaluating",
     "judging": "judging",
 }
+# the "GiB" column: the GPU peak so far on CUDA (gpu_gib), else the process's resident peak
 
 
 class Progress:
@@ -65,6 +66,8 @@ class Progress:
                 )
             if event.get("gpu_gib") is not None:
                 self.gpu_gib = event["gpu_gib"]
+        elif kind == "memory" and event.get("cpu_gib") is not None:
+            self.gpu_gib = event["cpu_gib"]  # on the CPU: the process's resident peak
         elif kind == "eval":
             self.val_loss = event.get("val_loss")
         elif kind == "evaluating" and event.get("train_peak_gib") is not None:

@@ -71,11 +71,15 @@ class Tracker:
         return run.info.run_id
 
     def log_event(self, run_id: str, event: dict) -> None:
-        """Per-step curves: train loss and validation loss."""
+        """Per-step curves: train loss, validation loss (and accuracy)."""
         if event["event"] == "train":
             self.client.log_metric(run_id, "train_loss", event["loss"], step=event["step"])
         elif event["event"] == "eval":
             self.client.log_metric(run_id, "val_loss", event["val_loss"], step=event["step"])
+        elif event["event"] == "eval_accuracy":  # train.val_accuracy
+            self.client.log_metric(
+                run_id, "val_accuracy", event["val_accuracy"], step=event["step"]
+            )
 
     def finish_trial(self, run_id: str, result: TrialResult, trial_dir: Path, state: str) -> None:
         numbers = (int, float)

@@ -52,7 +52,10 @@ def postgres_urls():
 
 def _two_sweeps(cfg, storage: str, each: int = 4) -> list:
     """Two sweep processes on one study at the same time; their (returncode, stderr)."""
-    sweeps = [start_sweep(cfg, f"n_trials={each}", storage=storage) for _ in range(2)]
+    # no pruner: the two sweeps draw different configurations (a resumed seeded sampler moves
+    # on), and a median pruner may then stop one, which is not what this test is about
+    sets = (f"n_trials={each}", 'pruner={name="NopPruner"}')
+    sweeps = [start_sweep(cfg, *sets, storage=storage) for _ in range(2)]
     outputs = [p.communicate(timeout=900) for p in sweeps]
     return [(p.returncode, err) for p, (_, err) in zip(sweeps, outputs, strict=True)]
 
@@ -63,7 +66,9 @@ def _check_shared(study: optuna.Study, ended: list, trials_dir) -> None:
         assert "locked" not in err.lower() and "Traceback" not in err, err[-3000:]
     numbers = [t.number for t in study.trials]
     assert sorted(numbers) == list(range(8))  # none lost, none twice
-    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert all(t.state == TrialState.COMPLETE for t in study.trials), [
+        (t.number, t.state.name) for t in study.trials
+    ]
     assert len({t.user_attrs["mlflow_run_id"] for t in study.trials}) == 8
     assert sorted(int(p.name) for p in trials_dir.iterdir()) == list(range(8))
 
