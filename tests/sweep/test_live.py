@@ -12,7 +12,7 @@ import time
 from sweep import live
 from tests.conftest import ROOT, _pythonpath, write_config
 
-# "0  tiny   8  1.00e-04  training  11/200  1.3397 ..."
+# "0  tiny   8  1.00e-04  training  11/300  1.3397 ..."
 ROW = re.compile(
     r"^\s*0\s+tiny\s+\d+\s+\S+\s+(starting|loading|training|validating|saving|evaluating)\s+(\d+)/(\d+)"
 )
@@ -51,13 +51,13 @@ class Terminal:
 
 def test_live_table_in_a_terminal_and_status_watch(tmp_path, tiny_model, shared_data):
     cfg = write_config(tmp_path, tiny_model, shared_data)
-    slow = "--set train.max_steps=400 --set train.eval_every=50 --n-trials 1"
+    slow = "--set train.max_steps=300 --set train.eval_every=50 --n-trials 1"
     py = shlex.quote(sys.executable)
     run = Terminal("run", f"{py} -m sweep run --study tiny --config {cfg} {slow}")
     watch = None
     try:
         found, screen = run.wait_for(ROW, 300)
-        assert found.group(3) == "400"
+        assert found.group(3) == "300"
         assert "study tiny: 1 running (of 1 planned)" in screen
         assert "phase" in screen and "val loss" in screen and "slots in use" in screen
         # later: the step has moved on, in place (one row for trial 0, not a new line each time)
@@ -69,7 +69,7 @@ def test_live_table_in_a_terminal_and_status_watch(tmp_path, tiny_model, shared_
             "watch", f"{py} -m sweep status --watch --every 1 --study tiny --config {cfg}"
         )
         seen, screen = watch.wait_for(training, 120)  # written every few seconds by the sweep
-        assert seen.group(1) in ("training", "validating") and seen.group(3) == "400"
+        assert seen.group(1) in ("training", "validating") and seen.group(3) == "300"
         assert "study tiny: 1 running" in screen
         # the finished trial: its permanent line, and the live table gone from the run's screen
         done, screen = run.wait_for(re.compile(r"trial 0 complete accuracy="), 600)
