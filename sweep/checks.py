@@ -6,6 +6,7 @@ Samplers, pruners and storages are Optuna's own, chosen by name: no registry of 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import importlib.util
@@ -233,6 +234,15 @@ class GridInLoop(optuna.samplers.GridSampler):
 
 
 def make_pruner(spec: Component, key: str = "pruner") -> optuna.pruners.BasePruner:
+    """`spec`'s pruner; one that wraps another (PatientPruner's `wrapped_pruner`) names it by a
+    table of its own: wrapped_pruner = {name = "MedianPruner", n_startup_trials = 4}."""
+    inner = spec.kwargs.get("wrapped_pruner")
+    if isinstance(inner, dict):
+        if "name" not in inner:
+            raise ConfigError("missing name (an Optuna class name)", f"{key}.wrapped_pruner.name")
+        nested = Component(inner["name"], {k: v for k, v in inner.items() if k != "name"})
+        built = make_pruner(nested, f"{key}.wrapped_pruner")
+        spec = dataclasses.replace(spec, kwargs=spec.kwargs | {"wrapped_pruner": built})
     return _component(optuna.pruners, "pruner", spec, key)
 
 

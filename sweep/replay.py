@@ -79,18 +79,9 @@ def alternatives(sampler: Component, eval_every: int, max_steps: int) -> list[St
         Strategy(
             "tpe-patient-median",
             sampler,
-            Component("PatientPruner", {"wrapped": "MedianPruner", "patience": 3}),
+            Component("PatientPruner", {"wrapped_pruner": {"name": "MedianPruner"}, "patience": 3}),
         ),
     ]
-
-
-def make_pruner(spec: Component) -> optuna.pruners.BasePruner:
-    """PatientPruner wraps another pruner, named by `wrapped` (with its default settings)."""
-    if spec.name == "PatientPruner":
-        kwargs = dict(spec.kwargs)
-        inner = checks.make_pruner(Component(kwargs.pop("wrapped", "MedianPruner")))
-        return optuna.pruners.PatientPruner(inner, **kwargs)
-    return checks.make_pruner(spec)
 
 
 class Table:
@@ -192,7 +183,7 @@ def replay_one(table: Table, study_cfg: Study, strategy: Strategy, seed: int, bu
     companion = optuna.create_study(
         study_name=f"{study_cfg.name}--val-loss",
         direction="minimize",
-        pruner=make_pruner(strategy.pruner),
+        pruner=checks.make_pruner(strategy.pruner),
     )
     sign = 1 if direction == "maximize" else -1
     spent, used, unpruned, best = 0.0, 0, 0, None

@@ -95,3 +95,21 @@ def test_bad_configs_name_the_key(tmp_path: Path, toml: str, message: str):
     path.write_text("[models.m]\nid = 'org/model'\n" + toml)
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         config.load(path)
+
+
+def test_a_pruner_that_wraps_another_names_it_by_a_table():
+    """PatientPruner around a MedianPruner, as sweep.toml (and `sweep replay`) write it."""
+    import optuna
+
+    from sweep import checks
+
+    spec = config.Component(
+        "PatientPruner",
+        {"wrapped_pruner": {"name": "MedianPruner", "n_startup_trials": 2}, "patience": 3},
+    )
+    pruner = checks.make_pruner(spec)
+    assert isinstance(pruner, optuna.pruners.PatientPruner)
+    assert isinstance(pruner._wrapped_pruner, optuna.pruners.MedianPruner)
+    assert pruner._wrapped_pruner._n_startup_trials == 2 and pruner._patience == 3
+    with pytest.raises(ConfigError, match="pruner.wrapped_pruner.name"):
+        checks.make_pruner(config.Component("PatientPruner", {"wrapped_pruner": {}, "patience": 1}))
