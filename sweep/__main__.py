@@ -66,10 +66,15 @@ def _per_gpu(text: str) -> int | None:
 def _open(args: argparse.Namespace, study_name: str | None):
     """(config, storage, study or None) for the commands that read a study."""
     cfg = config.load(args.config)
-    url = config.resolve_url(args.storage, Path.cwd()) if args.storage else cfg.storage.optuna
-    checks.check_storage_url(url)
-    storage = checks.make_storage(url)
+    storage = _storage(args.storage, cfg)
     return cfg, storage, status.load(study_name, storage) if study_name else None
+
+
+def _storage(url: str | None, cfg: config.Config):
+    """The Optuna storage of `--storage URL` (relative paths: from here), else the config's."""
+    url = config.resolve_url(url, Path.cwd()) if url else cfg.storage.optuna
+    checks.check_storage_url(url)
+    return checks.make_storage(url)
 
 
 def cmd_status(args: argparse.Namespace) -> None:
@@ -121,11 +126,7 @@ def cmd_curves(args: argparse.Namespace) -> None:
     cfg = config.load(args.config)
     if args.study not in cfg.studies:
         raise ConfigError(f"no study {args.study!r} in {args.config}", "--study")
-    loaded = []
-    for url in args.storage or [cfg.storage.optuna]:
-        url = config.resolve_url(url, Path.cwd())
-        checks.check_storage_url(url)
-        loaded.append(status.load(args.study, checks.make_storage(url)))
+    loaded = [status.load(args.study, _storage(url, cfg)) for url in args.storage or [None]]
     if args.top_params:
         curves.write(curves.top_params(loaded, args.top_params), args.out)
     else:
