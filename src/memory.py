@@ -111,6 +111,16 @@ class PeakMemory:
                 return
             self._stop.wait(interval_s)
 
+    def restart(self) -> float:
+        """Measure from now on, from what the process holds now (the trial's loaded base);
+        returns that, GiB."""
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self.nvml_peak = self.nvml_now
+            return self.so_far()
+        _reset_cpu_peak()
+        return cpu_peak_bytes() / GIB
+
     def so_far(self) -> float | None:
         """The GPU peak up to now, as `read()` computes it (None on the CPU); the sweep packs
         trials by it while they run."""

@@ -311,6 +311,13 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="--overhead: start the trial process ahead, as a sweep does for its next trial",
     )
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=1,
+        help="--overhead: this many trials one after another in one worker process, its base "
+        "model kept between them (default 1)",
+    )
 
 
 def _study_args(p: argparse.ArgumentParser) -> None:

@@ -289,9 +289,55 @@ def write(result: dict, folder: Path, stem: str) -> Path:
     return path
 
 
+def _timed_trial(cfg, study_cfg, params: dict, folder: Path, args) -> dict:
+    """One trial of the overhead bench, from handing it out to its process being ready for
+    the next (a warm worker) or gone."""
+    folder.mkdir(parents=True)
+    spec = trial.write_spec(cfg, study_cfg, params, folder)
+    seen: dict[str, float] = {}
+
+    def arrived(event: dict) -> bool:
+        seen.setdefault(event["event"], time.perf_counter())
+        return False  # never stop it
+
+    started = time.perf_counter()
+    worker = trial_process.launch(spec, {}, args.trials)
+    ended = trial_process.follow(worker, folder / "log.txt", arrived)
+    done = time.perf_counter()
+    trial_process.release(worker, ended, keep=True)
+    total = time.perf_counter() - started
+    result_path = folder / "result.json"
+    if "done" not in seen or not result_path.is_file():
+        raise SystemExit(f"error: the trial in {folder} did not finish\n"
+                         + trial_process.stderr_tail(folder))  # fmt: skip
+    at = {k: v - started for k, v in seen.items()}
+    phases = {
+        "process start and imports" + (" (done ahead: warm spare)" if args.warm else ""): at[
+            "start"
+        ],
+        "model load (or the kept base)": at["model"] - at["start"],
+        "data preparation": at["data"] - at["model"],
+        "trainer set-up": at["train_begin"] - at["data"],
+        "training (incl. validation losses)": at["train_end"] - at["train_begin"],
+        "evaluation and saving": at["done"] - at["evaluating"],
+        "exit, or freeing for the next trial": total - (done - started),
+    }
+    inside = phases["training (incl. validation losses)"] + phases["evaluation and saving"]
+    return {
+        "total_s": total,
+        "outside_training_s": total - inside,
+        "outside_share": (total - inside) / total,
+        "phases": phases,
+        "trial": json.loads(result_path.read_text()),
+    }
+
+
 def overhead(args) -> Path:
-    """One real trial (the study's first model, fixed parameters) timed from outside: what it
-    spends before its first training step, in training, evaluating, and after."""
+    """Real trials (the study's first model, fixed parameters) timed from outside: what each
+    spends before its first training step, in training, evaluating, and after. `--trials N`
+    runs N of them one after another through one worker process (`worker_trials`), as a sweep
+    does: the first pays the imports (unless `--warm`) and the model load, the next ones
+    take the loaded base."""
     cfg = config.load(args.config, [*args.set, f"train.max_steps={args.steps}"], study=args.study)
     study_cfg = cfg.studies[args.study]
     params = {
@@ -303,57 +349,47 @@ def overhead(args) -> Path:
         "dropout": 0.05,
     }
     folder = Path(tempfile.mkdtemp(prefix="sweep-overhead-"))
-    spec = trial.write_spec(cfg, study_cfg, params, folder)
-    seen: dict[str, float] = {}
-
-    def arrived(event: dict) -> bool:
-        seen.setdefault(event["event"], time.perf_counter())
-        return False  # never stop it
-
     if args.warm:  # as in a sweep: the process was started during the previous trial
-        trial_process.SPARES.prepare({})
-        trial_process.SPARES.ready({})
-    started = time.perf_counter()
-    trial_process.follow(trial_process.launch(spec, {}), folder / "log.txt", arrived)
-    total = time.perf_counter() - started
-    outcome = json.loads((folder / "result.json").read_text())
-    at = {k: v - started for k, v in seen.items()}
-    phases = {
-        "process start and imports" + (" (done ahead: warm spare)" if args.warm else ""): at[
-            "start"
-        ],
-        "model load": at["model"] - at["start"],
-        "data preparation": at["data"] - at["model"],
-        "trainer set-up": at["train_begin"] - at["data"],
-        "training (incl. validation losses)": at["train_end"] - at["train_begin"],
-        "evaluation and saving": at["done"] - at["evaluating"],
-        "exit": total - at["done"],
-    }
-    outside = total - phases["training (incl. validation losses)"] - phases["evaluation and saving"]
+        trial_process.POOL.prepare({}, 1, args.trials)
+        trial_process.POOL.ready({})
+    runs = [_timed_trial(cfg, study_cfg, params, folder / str(i), args) for i in range(args.trials)]
+    trial_process.POOL.close()
+    shares = sorted(run["outside_share"] for run in runs)
     result = {
         "date": datetime.date.today().isoformat(),
         "study": args.study,
         "params": params,
         "steps": args.steps,
-        "total_s": total,
-        "outside_training_s": outside,
-        "outside_share": outside / total,
-        "phases": phases,
-        "trial": outcome,
+        "trials": args.trials,
+        "warm_start": args.warm,
+        "median_outside_share": statistics.median(shares),
+        "runs": runs,
+        # the first trial's figures, as single-trial runs reported them
+        **{k: runs[0][k] for k in ("total_s", "outside_training_s", "outside_share", "phases")},
+        "trial": runs[0]["trial"],
     }
+    outcome = runs[0]["trial"]
+    names = list(runs[0]["phases"])
     lines = [
-        f"# Trial overhead: {args.study}, {args.steps} steps, {outcome.get('device')}\n",
-        f"{result['date']} · total {total:.1f} s · outside training and evaluation "
-        f"{outside:.1f} s = {100 * outside / total:.1f} % · recorded peak "
-        f"{_num(outcome.get('peak_memory_gib'))} GiB ({outcome.get('memory_kind')}), NVML "
-        f"{_num(outcome.get('nvml_peak_gib'))} GiB\n",
-        "| phase | seconds |",
-        "|---|---|",
+        f"# Trial overhead: {args.study}, {args.steps} steps, {args.trials} trial(s) in one "
+        f"worker, {outcome.get('device')}\n",
+        f"{result['date']} · median outside training and evaluation "
+        f"{100 * result['median_outside_share']:.1f} % · first trial: total "
+        f"{runs[0]['total_s']:.1f} s, outside {runs[0]['outside_training_s']:.1f} s · recorded "
+        f"peaks {', '.join(_num(r['trial'].get('peak_memory_gib')) for r in runs)} GiB "
+        f"({outcome.get('memory_kind')})\n",
+        "| phase | " + " | ".join(f"trial {i + 1}" for i in range(len(runs))) + " |",
+        "|---|" + "---|" * len(runs),
     ]
-    lines += [f"| {name} | {seconds:.1f} |" for name, seconds in phases.items()]
+    lines += [f"| {name} | " + " | ".join(f"{r['phases'][name]:.2f}" for r in runs) + " |"
+              for name in names]  # fmt: skip
+    shares_row = [f"{r['outside_training_s']:.2f} s, {100 * r['outside_share']:.1f} %"
+                  for r in runs]  # fmt: skip
+    lines += ["| **outside, share** | " + " | ".join(shares_row) + " |"]
     args.out.mkdir(parents=True, exist_ok=True)
     warm = "-warm" if args.warm else ""
-    path = args.out / f"{result['date']}-overhead-{args.study}-{args.steps}steps{warm}.md"
+    many = f"-{args.trials}trials" if args.trials > 1 else ""
+    path = args.out / f"{result['date']}-overhead-{args.study}-{args.steps}steps{many}{warm}.md"
     path.with_suffix(".json").write_text(json.dumps(result, indent=2))
     path.write_text("\n".join(lines) + "\n")
     print(path.read_text())

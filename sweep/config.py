@@ -126,6 +126,9 @@ class Study:
     vram_budget_gb: float = 24.0
     heartbeat_s: int = 30  # the sweep's heartbeat per running trial (SQL storages)
     retries: int = 1  # re-runs of a trial orphaned by a dead sweep, with the same parameters
+    # trials one worker process runs, keeping its imports and loaded base model between
+    # trials of the same base (1: a fresh process per trial)
+    worker_trials: int = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,10 +173,11 @@ STUDY_KEYS = {
     "vram_budget_gb",
     "heartbeat_s",
     "retries",
+    "worker_trials",
 }
 # plain-valued study keys; their defaults are the Study dataclass's
 STUDY_SCALARS = {"trial_timeout_s": "float", "vram_budget_gb": "float", "heartbeat_s": "int",
-                 "retries": "int"}  # fmt: skip
+                 "retries": "int", "worker_trials": "int"}  # fmt: skip
 
 
 def load(path: Path, overrides: list[str] = (), study: str | None = None) -> Config:
@@ -419,6 +423,7 @@ def _check_values(study: Study, key: str) -> None:
         "eval.batch_size": study.eval.batch_size,
         "eval.max_new_tokens": study.eval.max_new_tokens,
         "heartbeat_s": study.heartbeat_s,
+        "worker_trials": study.worker_trials,
     }
     for name, value in positive.items():
         if value <= 0:

@@ -92,6 +92,7 @@ class Placement:
         self.learned = dict(learned)
         self.running: list[Slot] = []
         self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)  # notified when a slot is given back
         cores = cores or os.cpu_count() or 1
         self.room: dict[int, float] = {}
         for gpu in gpus or []:
@@ -120,6 +121,12 @@ class Placement:
             return self.learned[key] * MARGIN
         any_gpu = max(self.room.values(), default=0.0)
         return (self.budget or any_gpu) + CONTEXT_GIB
+
+    def wait(self, timeout_s: float) -> None:
+        """Sleep until a slot is given back, at most `timeout_s` (the next trial starts at
+        once, not at the next poll)."""
+        with self.changed:
+            self.changed.wait(timeout_s)
 
     def full(self) -> bool:
         with self.lock:
@@ -170,6 +177,7 @@ class Placement:
                 self.learned.pop(slot.key, None)
             elif peak_gib:
                 self.learned[slot.key] = max(self.learned.get(slot.key, 0.0), peak_gib)
+            self.changed.notify_all()
 
 
 def learned_peaks(trials) -> dict[tuple[str, str], float]:

@@ -110,3 +110,16 @@ def git_state(repo: Path) -> dict[str, str]:
 def _git(repo: Path, *args: str) -> str:
     out = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10)
     return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def base_key(spec: dict) -> str | None:
+    """What a trial's loaded base model depends on (its model entry, method, compute dtype,
+    fused kernels, compiled layers), as one string: a warm worker that holds a base of the
+    same key may run the trial on it (sweep/trial_process.py, src/train_qlora.Warm). None for
+    what never shares a base: full fine-tuning (it trains every weight) and the plain recipe."""
+    method = spec["params"].get("method", "qlora")
+    if method == "full" or spec.get("recipe") == "plain":
+        return None
+    train = spec["train"]
+    kept = [spec["model"], method, train["compute_dtype"], train["kernels"], train["compile"]]
+    return json.dumps(kept, sort_keys=True)

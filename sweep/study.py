@@ -111,7 +111,7 @@ def run(
             workers.join()  # the view stays while the last trials run
     finally:
         workers.join()  # an interrupt stops every trial process; each trial is stored
-        trial_process.SPARES.close()
+        trial_process.POOL.close()
         if daemon:
             daemon.stop()  # after its clients, the trial processes, are gone
     workers.raise_first()
@@ -161,7 +161,7 @@ def launch_trials(cfg, study_cfg, study, companion, tracker, placement, workers,
     started, launched = time.monotonic(), 0
     while launched < total:
         while placement.full() and not trial_process.INTERRUPT.is_set():
-            time.sleep(0.2)
+            placement.wait(0.2)
         if timeout_s and time.monotonic() - started > timeout_s:
             return
         if trial_process.INTERRUPT.is_set():
@@ -185,6 +185,8 @@ def launch_trials(cfg, study_cfg, study, companion, tracker, placement, workers,
         # processes for the next trials, their imports overlapping this one: as many as may
         # start together when several running trials end at once
         spares = min(total - launched - 1, placement.limit, MAX_SPARES)
+        if study_cfg.worker_trials > 1:  # warm workers take most next trials: one for the rest
+            spares = min(spares, 1)
         workers.start(run_and_report, cfg, study_cfg, trial, params, companion, tracker,
                       placement, slot, spares)  # fmt: skip
         launched += 1
@@ -200,22 +202,29 @@ def wait_for_slot(placement: Placement, trial: optuna.Trial, params: dict):
         if slot is not None:
             return slot
         beat()
-        time.sleep(0.2)
+        placement.wait(0.2)
     return None
 
 
 def run_and_report(cfg, study_cfg, trial, params, companion, tracker, placement, slot,
                    spares: int) -> None:  # fmt: skip
-    result = None
-    try:
-        state, result = run_one(cfg, study_cfg, trial, params, companion, tracker, slot,
-                                spares, lambda gib: placement.observe(slot, gib))  # fmt: skip
-    finally:
+    given = []
+
+    def give(result=None) -> None:  # the slot, once: when the trial is stored, or on an error
+        if given:
+            return
+        given.append(True)
         oom = result is not None and result.status == Status.INFEASIBLE
         held = (
             max(result.peak_memory_gib or 0.0, result.eval_peak_memory_gib or 0.0) if result else 0
         )
         placement.give(slot, held or None, oom)
+
+    try:
+        state, _ = run_one(cfg, study_cfg, trial, params, companion, tracker, slot, spares,
+                           lambda gib: placement.observe(slot, gib), give)  # fmt: skip
+    finally:
+        give()
     study = trial.study
     console.print(f"trial {trial.number} {state.name.lower()} {_summary(study, trial.number)}")
 

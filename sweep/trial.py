@@ -44,10 +44,13 @@ def run_one(
     slot: Slot | None = None,
     spares: int = 0,
     on_memory: Callable[[float], None] = lambda gib: None,
+    on_stored: Callable[[TrialResult], None] = lambda result: None,
 ) -> tuple[TrialState, TrialResult]:
     """Run one trial to its end; `slot` says where (its GPU and CPU threads). `spares`: keep
     that many processes for the next trials started now, so their imports overlap this trial.
-    `on_memory` receives the trial's GPU peak so far while it trains."""
+    `on_memory` receives the trial's GPU peak so far while it trains; `on_stored` its result
+    once it is stored in Optuna and its process is free (the next trial may start while this
+    one's files go to MLflow)."""
     trial_dir = folders.trial_folder(cfg.storage.trials, trial.study, trial.number)
     trial_dir.mkdir(parents=True, exist_ok=True)
     belongs = {"study_key": folders.study_key(trial.study), "trial_number": trial.number}
@@ -69,26 +72,29 @@ def run_one(
     beat = Heartbeat(trial.storage, [trial._trial_id, mirror._trial_id])
     kills_before = trial_process.oom_kills()
     env = slot.env() if slot else {}
-    proc = trial_process.launch(spec_path, env)
+    worker = trial_process.launch(spec_path, env, study_cfg.worker_trials)
     if spares:
-        trial_process.SPARES.prepare(env, spares)
+        trial_process.POOL.prepare(env, spares, study_cfg.worker_trials)
     try:
         ended = trial_process.follow(
-            proc, trial_dir / "stdout.log", watch, study_cfg.trial_timeout_s, beat
+            worker, trial_dir / "stdout.log", watch, study_cfg.trial_timeout_s, beat
         )
     except BaseException:  # a crash of the sweep itself: the child must not live on
-        trial_process.stop(proc)
+        trial_process.stop(worker.proc)
         raise
     finally:
         live.BOARD.remove(trial.number)
     kills_after = trial_process.oom_kills()
     oom_killed = kills_before is not None and kills_after is not None and kills_after > kills_before
-    result = outcome(ended, proc.returncode, trial_dir, watch.last, oom_killed)
+    result = outcome(ended, worker.returncode, trial_dir, watch.last, oom_killed)
+    # a worker whose trial succeeded or was pruned keeps its base for the next trial
+    trial_process.release(worker, ended, result.status in (Status.SUCCESS, Status.PRUNED))
     state = tell(trial, result, study_cfg.vram_budget_gb)
     if state == TrialState.COMPLETE and result.last_val_loss is not None:
         companion.tell(mirror, result.last_val_loss)
     else:  # pruned, failed, or out of memory before any validation loss
         companion.tell(mirror, state=state if state != TrialState.COMPLETE else TrialState.FAIL)
+    on_stored(result)
     finish_mlflow(
         tracker, trial.study, trial.number, run_id, trial_dir, MLFLOW_STATE[state], result
     )

@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from sweep.results import base_key
+
 PREFIX = "SWEEP_PROGRESS "  # must match src/progress.py (which imports torch, so not shared)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 STOP_GRACE_S = 10.0
@@ -29,18 +31,18 @@ def on_signal(signum, frame) -> None:
     INTERRUPT.set()
 
 
-def launch(spec_path: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start the trial of `spec_path`: in a spare process when one waits (imports done),
-    else in a new one."""
-    spare = SPARES.take(extra_env or {})
-    if spare is not None:
-        try:
-            spare.stdin.write(f"{spec_path}\n")
-            spare.stdin.close()
-            return spare
-        except OSError:  # it died meanwhile: start afresh
-            stop(spare)
-    return _start(spec_path, extra_env)
+def launch(spec_path: Path, extra_env: dict[str, str] | None = None, trials: int = 1) -> Worker:
+    """Start the trial of `spec_path`: in a warm worker that holds its base model, else in a
+    spare process (imports done), else in a new one. `trials`: how many trials a new process
+    may run before it retires (1: this one only)."""
+    env = extra_env or {}
+    key = base_key(json.loads(Path(spec_path).read_text()))
+    worker = POOL.take(env, key)
+    if worker is not None and worker.send(spec_path):
+        return worker
+    if worker is not None:  # it died meanwhile: start afresh
+        stop(worker.proc)
+    return POOL.start(spec_path, env, trials)
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -53,51 +55,153 @@ def _key(env: dict[str, str]) -> tuple:
     return tuple(sorted(env.items()))
 
 
-def _start(spec_path: Path | None, extra_env: dict[str, str] | None) -> subprocess.Popen:
+def _start(spec_path: Path | None, extra_env: dict[str, str] | None, trials: int) -> Worker:
     """A trial process; with no spec path, a spare that reads it from stdin once imported."""
     env = child_env(extra_env)
     spare = spec_path is None
     stderr = subprocess.DEVNULL if spare else (spec_path.parent / "stderr.log").open("w")
-    return subprocess.Popen(
-        [sys.executable, "-m", "src.train_qlora", "-" if spare else str(spec_path)],
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "src.train_qlora", "--trials", str(trials),
+         "-" if spare else str(spec_path)],
         cwd=PROJECT_ROOT,
         env=env,
-        stdin=subprocess.PIPE if spare else subprocess.DEVNULL,
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=stderr,
         text=True,
         start_new_session=True,  # its own process group: stopped as a whole
         preexec_fn=_die_with_parent,
-    )
+    )  # fmt: skip
+    worker = Worker(proc, _key(extra_env or {}), trials)
+    if spec_path is not None:  # its first trial, given on the command line
+        worker.left -= 1
+        worker.key = base_key(json.loads(spec_path.read_text()))
+    return worker
 
 
-class Spares:
-    """Trial processes started ahead per environment (GPU, threads), so that the next trials
-    do not wait for Python to import torch, transformers and PEFT (seconds: 7 on this
-    project's CPU machine, 17 on the H200 host). Each still runs exactly one trial.
+class Worker:
+    """A trial process seen from the sweep: its progress lines (read by a thread for its whole
+    life, across trials), how many trials it may still run, and the base model it holds
+    between them (`key`, sweep/results.base_key)."""
 
-    Spares are started by one thread that lives as long as the sweep: PR_SET_PDEATHSIG
+    def __init__(self, proc: subprocess.Popen, env: tuple, trials: int):
+        self.proc, self.env, self.left = proc, env, trials
+        self.key: str | None = None
+        self.ended_trial = False  # its current trial ended by "done" or "released"
+        self.idle_since = 0.0
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=_read_lines, args=(proc.stdout, self.lines), daemon=True).start()
+
+    @property
+    def returncode(self) -> int | None:
+        """0 once its trial said "done" (the process lives on or exits by itself), else the
+        process's exit status."""
+        return 0 if self.ended_trial else self.proc.returncode
+
+    def send(self, spec_path: Path) -> bool:
+        try:
+            self.proc.stdin.write(f"{spec_path}\n")
+            self.proc.stdin.flush()
+        except (OSError, ValueError):
+            return False
+        self.key = base_key(json.loads(Path(spec_path).read_text()))
+        self.left -= 1
+        self.ended_trial = False
+        return True
+
+    def wait_for(self, events: tuple[str, ...], timeout_s: float, log=None) -> str | None:
+        """Read lines until one of `events` (returned), the end of its output or the timeout
+        (None); other lines go to `log`."""
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                continue
+            if line is None:
+                self.lines.put(None)  # the end stays the end for the next reader
+                return None
+            event = _event(line)
+            if event and event.get("event") in events:
+                return event["event"]
+            if log is not None:
+                log.write(line)
+        return None
+
+
+def _event(line: str) -> dict | None:
+    return json.loads(line[len(PREFIX) :]) if line.startswith(PREFIX) else None
+
+
+def release(worker: Worker, ended: str, keep: bool) -> None:
+    """After a trial: `keep` a worker whose trial ended cleanly and that may run more (it is
+    idle until the next trial of its base takes it), else see it gone."""
+    reusable = keep and worker.ended_trial and worker.left > 0 and ended in ("exited", "stopped")
+    if reusable and worker.wait_for(("ready",), READY_S) == "ready":
+        POOL.park(worker)
+        return
+    try:  # it exits by itself after its last trial
+        worker.proc.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        stop(worker.proc)
+
+
+READY_S = 60.0  # a worker frees its last trial's memory before it says "ready"
+IDLE_S = 10.0  # a warm worker no trial took for this long exits (it holds its base model)
+
+
+class Pool:
+    """Trial processes: spares started ahead per environment (GPU, threads), so that the next
+    trials do not wait for Python to import torch, transformers and PEFT (seconds: 7 on this
+    project's CPU machine, 17 on the H200 host), and warm workers that finished a trial and
+    keep their base model for the next trial of the same base (`[studies.X] worker_trials`).
+
+    Every process is started by one thread that lives as long as the sweep: PR_SET_PDEATHSIG
     kills a child when the *thread* that started it ends, and a trial's own thread ends with
-    its trial, long before another trial takes the spare it would have started.
+    its trial, long before a spare or a warm worker takes its next trial. The same thread ends
+    warm workers left idle for IDLE_S (their GPU memory is not counted by the placement).
     """
 
     def __init__(self):
-        self.waiting: dict[tuple, list[subprocess.Popen]] = {}
+        self.waiting: dict[tuple, list[Worker]] = {}  # spares: no trial yet
+        self.idle: dict[tuple, list[Worker]] = {}  # warm: a base model loaded
         self.pending: dict[tuple, int] = {}
         self.lock = threading.Lock()
         self.requests: queue.Queue = queue.Queue()
         self.thread: threading.Thread | None = None
 
-    def take(self, env: dict[str, str]) -> subprocess.Popen | None:
+    def take(self, env: dict[str, str], key: str | None = None) -> Worker | None:
+        """An idle warm worker of this environment holding base `key`, else a spare. Idle
+        workers of this environment holding another base end here (their memory is the next
+        trial's)."""
         with self.lock:
-            procs = self.waiting.get(_key(env), [])
-            while procs:
-                proc = procs.pop(0)
-                if proc.poll() is None:
-                    return proc
-        return None
+            idle = self.idle.pop(_key(env), [])
+            match = next((w for w in idle if w.key == key and key is not None
+                          and w.proc.poll() is None), None)  # fmt: skip
+            others = [w for w in idle if w is not match]
+            spares = self.waiting.get(_key(env), [])
+            while match is None and spares:
+                worker = spares.pop(0)
+                if worker.proc.poll() is None:
+                    match = worker
+        for worker in others:
+            _close(worker)
+        return match
 
-    def prepare(self, env: dict[str, str], count: int = 1) -> None:
+    def park(self, worker: Worker) -> None:
+        worker.idle_since = time.monotonic()
+        with self.lock:
+            self.idle.setdefault(worker.env, []).append(worker)
+        self._ensure_thread()
+
+    def start(self, spec_path: Path, env: dict[str, str], trials: int) -> Worker:
+        """A new process for `spec_path`, started by the pool's thread."""
+        box: queue.Queue = queue.Queue()
+        self._ensure_thread()
+        self.requests.put((spec_path, env, trials, box))
+        return box.get()
+
+    def prepare(self, env: dict[str, str], count: int = 1, trials: int = 1) -> None:
         """Have `count` spares ready (or on their way) for the next trials in `env`."""
         key = _key(env)
         with self.lock:
@@ -105,51 +209,79 @@ class Spares:
             if missing <= 0:
                 return
             self.pending[key] = self.pending.get(key, 0) + missing
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._start_spares, daemon=True)
-                self.thread.start()
+        self._ensure_thread()
         for _ in range(missing):
-            self.requests.put(env)
+            self.requests.put((None, env, trials, None))
 
-    def ready(self, env: dict[str, str], timeout_s: float = 600) -> subprocess.Popen:
+    def ready(self, env: dict[str, str], timeout_s: float = 600) -> Worker:
         """Wait until a spare for `env` exists and has imported everything (benchmarks)."""
         key, deadline = _key(env), time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with self.lock:
-                procs = self.waiting.get(key)
-                proc = procs[0] if procs else None
-            if proc is not None:
-                proc.stdout.readline()  # its first line, "ready", comes after the imports
-                return proc
+                workers = self.waiting.get(key)
+                worker = workers[0] if workers else None
+            if worker is not None:
+                worker.wait_for(("ready",), deadline - time.monotonic())
+                return worker
             time.sleep(0.1)
         raise TimeoutError("no spare trial process")
 
-    def _start_spares(self) -> None:
-        while (env := self.requests.get()) is not None:
-            proc = _start(None, env)
-            key = _key(env)
+    def _ensure_thread(self) -> None:
+        with self.lock:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._serve, daemon=True)
+                self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                request = self.requests.get(timeout=1.0)
+            except queue.Empty:
+                self._reap()
+                continue
+            if request is None:
+                return
+            spec_path, env, trials, box = request
+            worker = _start(spec_path, env, trials)
+            if box is not None:
+                box.put(worker)
+                continue
             with self.lock:
-                self.waiting.setdefault(key, []).append(proc)
-                self.pending[key] = max(0, self.pending.get(key, 0) - 1)
+                self.waiting.setdefault(worker.env, []).append(worker)
+                self.pending[worker.env] = max(0, self.pending.get(worker.env, 0) - 1)
+
+    def _reap(self) -> None:
+        now, gone = time.monotonic(), []
+        with self.lock:
+            for env, workers in self.idle.items():
+                gone += [w for w in workers if now - w.idle_since > IDLE_S]
+                self.idle[env] = [w for w in workers if now - w.idle_since <= IDLE_S]
+        for worker in gone:
+            _close(worker)
 
     def close(self) -> None:
-        """No more trials: the spares read an empty line and exit."""
+        """No more trials: spares and idle workers read the end of their input and exit."""
         with self.lock:
-            spares = [proc for procs in self.waiting.values() for proc in procs]
-            self.waiting, self.pending = {}, {}
+            workers = [w for ws in (*self.waiting.values(), *self.idle.values()) for w in ws]
+            self.waiting, self.idle, self.pending = {}, {}, {}
             thread, self.thread = self.thread, None
-        for proc in spares:
-            try:
-                proc.stdin.close()
-                proc.wait(timeout=STOP_GRACE_S)
-            except (OSError, subprocess.TimeoutExpired):
-                stop(proc)
+        for worker in workers:
+            _close(worker)
         if thread is not None:
             self.requests.put(None)
             thread.join(timeout=STOP_GRACE_S)
 
 
-SPARES = Spares()
+def _close(worker: Worker) -> None:
+    """End a worker that waits for a trial: the end of its input, then signals if need be."""
+    try:
+        worker.proc.stdin.close()
+        worker.proc.wait(timeout=STOP_GRACE_S)
+    except (OSError, subprocess.TimeoutExpired):
+        stop(worker.proc)
+
+
+POOL = Pool()
 
 
 def _die_with_parent() -> None:
@@ -162,41 +294,62 @@ def _die_with_parent() -> None:
 
 
 def follow(
-    proc: subprocess.Popen,
+    worker: Worker,
     log_path: Path,
     on_event: Callable[[dict], bool],
     timeout_s: float = 0.0,
     tick: Callable[[], None] = lambda: None,
 ) -> str:
-    """Stream `proc`'s progress events to `on_event` until it exits.
+    """Stream the trial's progress events to `on_event` until it ends ("done", or the
+    process exits).
 
-    `on_event` returns True to stop the trial (pruned); `tick` runs about twice a second (the
-    heartbeat). Returns why it ended: "exited", "stopped", "timeout" or "interrupted".
+    `on_event` returns True to stop the trial (pruned): a worker that may run more trials is
+    asked to abandon it (SIGUSR1; it answers "released" at its next step and stays warm), any
+    other is stopped. `tick` runs about twice a second (the heartbeat). Returns why it ended:
+    "exited", "stopped", "timeout" or "interrupted".
     """
-    lines: queue.Queue = queue.Queue()
-    reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True)
-    reader.start()
     deadline = time.monotonic() + timeout_s if timeout_s else float("inf")
     with log_path.open("w", buffering=1) as log:  # line-buffered: `tail -f` works
         while True:
             tick()
             if INTERRUPT.is_set():
-                stop(proc)
+                stop(worker.proc)
                 return "interrupted"
             if time.monotonic() > deadline:  # checked every line: a chatty trial times out too
-                stop(proc)
+                stop(worker.proc)
                 return "timeout"
             try:
-                line = lines.get(timeout=0.5)
+                line = worker.lines.get(timeout=0.5)
             except queue.Empty:
                 continue
             if line is None:  # stdout closed: the process is ending
-                proc.wait()
+                worker.lines.put(None)
+                worker.proc.wait()
                 return "exited"
+            event = _event(line)
+            if event and event["event"] == "ready":  # a spare's or warm worker's, not the trial's
+                continue
             log.write(line)
-            if line.startswith(PREFIX) and on_event(json.loads(line[len(PREFIX) :])):
-                stop(proc)
-                return "stopped"
+            if event and event["event"] == "done":
+                on_event(event)
+                worker.ended_trial = True
+                return "exited"
+            if event and on_event(event):
+                return _prune(worker, log)
+
+
+def _prune(worker: Worker, log) -> str:
+    """Stop a pruned trial: a worker with trials left abandons it and stays; else it ends."""
+    if worker.left > 0 and worker.proc.poll() is None:
+        try:
+            worker.proc.send_signal(signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
+        if worker.wait_for(("released", "done"), STOP_GRACE_S * 3, log) is not None:
+            worker.ended_trial = True
+            return "stopped"
+    stop(worker.proc)
+    return "stopped"
 
 
 def _read_lines(stream, lines: queue.Queue) -> None:

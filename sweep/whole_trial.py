@@ -105,7 +105,8 @@ def one_trial(cfg, study_cfg, params: dict, folder: Path, recipe: str) -> dict:
         return False  # never stop it
 
     started = time.perf_counter()
-    trial_process.follow(trial_process.launch(spec_path, {}), folder / "log.txt", arrived)
+    worker = trial_process.launch(spec_path, {})
+    trial_process.release(worker, trial_process.follow(worker, folder / "log.txt", arrived), False)
     wall = time.perf_counter() - started
     result_path = folder / "result.json"
     if not result_path.is_file():

@@ -1,42 +1,126 @@
-"""Spare trial processes (sweep/trial_process.py): started ahead, imports done, one trial each."""
+"""Trial processes (sweep/trial_process.py): spares started ahead with their imports done, and
+warm workers that keep their base model from one trial to the next."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import threading
 import time
 
-from sweep.trial_process import Spares
+import pytest
+
+from sweep import config, trial, trial_process
+from sweep.trial_process import Pool
+from tests.conftest import write_config
 
 
 def test_a_spare_outlives_the_thread_that_asked_for_it():
     """PR_SET_PDEATHSIG kills a child when the thread that started it ends: a spare asked for
     by a trial's thread (which ends with that trial) must still live for the next trial."""
-    spares = Spares()
-    asking = threading.Thread(target=spares.prepare, args=({"OMP_NUM_THREADS": "1"},))
+    pool = Pool()
+    asking = threading.Thread(target=pool.prepare, args=({"OMP_NUM_THREADS": "1"},))
     asking.start()
     asking.join()
-    proc = spares.ready({"OMP_NUM_THREADS": "1"}, timeout_s=120)
+    worker = pool.ready({"OMP_NUM_THREADS": "1"}, timeout_s=120)
     time.sleep(1.0)
-    assert proc.poll() is None  # alive, waiting for its spec
-    assert spares.take({"OMP_NUM_THREADS": "2"}) is None  # another environment: no spare
-    spares.close()
-    assert proc.wait(timeout=30) == 0  # told there is no trial: exits cleanly
+    assert worker.proc.poll() is None  # alive, waiting for its spec
+    assert pool.take({"OMP_NUM_THREADS": "2"}) is None  # another environment: no spare
+    pool.close()
+    assert worker.proc.wait(timeout=30) == 0  # told there is no trial: exits cleanly
 
 
 def test_several_spares_for_trials_that_start_together():
-    spares = Spares()
+    pool = Pool()
     env = {"OMP_NUM_THREADS": "1"}
-    spares.prepare(env, 2)
-    spares.prepare(env, 2)  # already on their way: no more
-    first = spares.ready(env, timeout_s=120)
+    pool.prepare(env, 2)
+    pool.prepare(env, 2)  # already on their way: no more
+    first = pool.ready(env, timeout_s=120)
     deadline = time.monotonic() + 120
-    while len(spares.waiting.get(tuple(env.items()), [])) < 2 and time.monotonic() < deadline:
+    while len(pool.waiting.get(tuple(env.items()), [])) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert spares.take(env) is first
-    second = spares.take(env)
+    assert pool.take(env) is first
+    second = pool.take(env)
     assert second is not None and second is not first
-    assert spares.take(env) is None  # two asked for, two given
-    for proc in (first, second):
-        proc.stdin.close()
-        assert proc.wait(timeout=60) == 0
-    spares.close()
+    assert pool.take(env) is None  # two asked for, two given
+    for worker in (first, second):
+        worker.proc.stdin.close()
+        assert worker.proc.wait(timeout=60) == 0
+    pool.close()
+
+
+@pytest.fixture
+def tiny_study(tmp_path, tiny_model, shared_data):
+    cfg = config.load(write_config(tmp_path, tiny_model, shared_data), study="tiny")
+    return cfg, cfg.studies["tiny"]
+
+
+def _params(r: int, lr: float, dropout: float) -> dict:
+    return {"model": "tiny", "method": "qlora", "r": r, "lora_alpha": 2.0 * r, "lr": lr,
+            "dropout": dropout}  # fmt: skip
+
+
+def _run(study, params: dict, folder, trials: int, prune_at: int = 0):
+    """One trial through the pool: (worker, how it ended, its events); pruned at the
+    validation of step `prune_at` when given."""
+    cfg, study_cfg = study
+    folder.mkdir(parents=True)
+    spec = trial.write_spec(cfg, study_cfg, params, folder)
+    events: list[dict] = []
+
+    def on_event(event: dict) -> bool:
+        events.append(event)
+        return bool(prune_at) and event["event"] == "eval" and event["step"] == prune_at
+
+    worker = trial_process.launch(spec, {}, trials)
+    ended = trial_process.follow(worker, folder / "stdout.log", on_event, timeout_s=300)
+    return worker, ended, events
+
+
+def _result(folder) -> dict:
+    return json.loads((folder / "result.json").read_text())
+
+
+def test_a_warm_worker_trains_as_a_fresh_process(tiny_study, tmp_path):
+    """The second trial of a worker, after a trial of another configuration that was pruned,
+    runs on the kept base and gives what a process of its own gives: the same loss curve,
+    metric and (within 2 %) memory objective."""
+    first, second = _params(8, 1e-3, 0.1), _params(4, 5e-4, 0.05)  # dropout: RNG must match
+    fresh, ended, _ = _run(tiny_study, second, tmp_path / "fresh", trials=1)
+    assert ended == "exited" and fresh.returncode == 0
+    trial_process.release(fresh, ended, keep=True)
+    assert fresh.proc.wait(timeout=30) == 0  # a one-trial process is gone after its trial
+
+    try:
+        worker, ended, _ = _run(tiny_study, first, tmp_path / "pruned", trials=3, prune_at=2)
+        assert ended == "stopped" and worker.proc.poll() is None  # abandoned, not killed
+        assert not (tmp_path / "pruned" / "result.json").exists()
+        trial_process.release(worker, ended, keep=True)
+        again, ended, events = _run(tiny_study, second, tmp_path / "warm", trials=3)
+        assert again is worker and ended == "exited"
+        model = next(e for e in events if e["event"] == "model")
+        assert model["base"] == "kept"
+        trial_process.release(again, ended, keep=True)
+    finally:
+        trial_process.POOL.close()
+    assert worker.proc.wait(timeout=30) == 0
+
+    warm, alone = _result(tmp_path / "warm"), _result(tmp_path / "fresh")
+    assert warm["curve"] == alone["curve"] and warm["metrics"] == alone["metrics"]
+    assert warm["peak_memory_gib"] == pytest.approx(alone["peak_memory_gib"], rel=0.02)
+
+
+def test_a_crashed_trial_takes_its_worker_with_it(tiny_study, tmp_path):
+    """A trial that fails (here its data folder vanished) ends its worker: no later trial runs
+    in a process left in an unknown state; the next one gets a fresh process."""
+    cfg, study_cfg = tiny_study
+    gone = dataclasses.replace(study_cfg.data, dir=(tmp_path / "gone").resolve())
+    bad = (cfg, dataclasses.replace(study_cfg, data=gone))
+    try:
+        worker, ended, _ = _run(bad, _params(4, 1e-3, 0.0), tmp_path / "crash", trials=3)
+        assert ended == "exited" and worker.returncode not in (0, None)
+        trial_process.release(worker, ended, keep=False)
+        assert worker.proc.poll() is not None and not trial_process.POOL.idle.get(worker.env)
+        assert "Traceback" in trial_process.stderr_tail(tmp_path / "crash", 200)
+    finally:
+        trial_process.POOL.close()
