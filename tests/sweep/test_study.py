@@ -8,6 +8,8 @@ import sqlite3
 import subprocess
 import time
 
+import psutil
+
 from tests.conftest import (
     run_cli,
     start_sweep,
@@ -101,6 +103,19 @@ def _endless_sweep(tmp_path, tiny_model, shared_data) -> tuple[subprocess.Popen,
     return sweep, trial_folder(tmp_path, 0) / "spec.json"
 
 
+def _trial_processes(sweep: subprocess.Popen, count: int = 2, wait_s: float = 60) -> list:
+    """The sweep's trial processes once `count` of them exist (the running trial and a spare
+    started ahead: warm workers and spares must die with the sweep too)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        children = [c for c in psutil.Process(sweep.pid).children(recursive=True)
+                    if "src.train_qlora" in " ".join(c.cmdline())]  # fmt: skip
+        if len(children) >= count or time.monotonic() > deadline:
+            assert children
+            return children
+        time.sleep(0.5)
+
+
 def test_ctrl_c_stops_the_trial_process(tmp_path, tiny_model, shared_data):
     sweep, spec = _endless_sweep(tmp_path, tiny_model, shared_data)
     log = spec.parent / "stdout.log"
@@ -109,6 +124,7 @@ def test_ctrl_c_stops_the_trial_process(tmp_path, tiny_model, shared_data):
         while not (log.exists() and "SWEEP_PROGRESS" in log.read_text()):
             assert time.monotonic() < deadline and sweep.poll() is None, sweep.stderr.read()
             time.sleep(0.5)
+        children = _trial_processes(sweep)  # the trial's and the spare's
         sweep.send_signal(signal.SIGINT)
         _, err = sweep.communicate(timeout=60)
     finally:  # a failing test must not leave a sweep or a trial training forever
@@ -117,6 +133,7 @@ def test_ctrl_c_stops_the_trial_process(tmp_path, tiny_model, shared_data):
     assert sweep.returncode == 130 and err.strip().splitlines()[-1].startswith("interrupted")
     alive = subprocess.run(["pgrep", "-f", str(spec)], capture_output=True, text=True).stdout
     assert alive == ""
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert [t.state.name for t in study_trials(tmp_path)] == ["FAIL"]
 
 
@@ -127,11 +144,13 @@ def test_killed_sweep_leaves_no_trial_process(tmp_path, tiny_model, shared_data)
         while subprocess.run(["pgrep", "-f", str(spec)], capture_output=True).returncode != 0:
             assert time.monotonic() < deadline and sweep.poll() is None
             time.sleep(0.5)
+        children = _trial_processes(sweep)  # the trial's and the spare's
         sweep.kill()  # SIGKILL: no handler of ours runs
         sweep.wait()
         time.sleep(1)
         alive = subprocess.run(["pgrep", "-f", str(spec)], capture_output=True, text=True).stdout
         assert alive == ""
+        assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     finally:
         subprocess.run(["pkill", "-9", "-f", str(spec)])
 
