@@ -81,8 +81,11 @@ class PeakMemory:
 
     On CUDA the recorded peak is what the process held on the card, as NVML counts it: the
     caching allocator's peak reservation plus what lies outside it (CUDA context, cuBLAS
-    workspaces), measured as NVML's current figure minus the current reservation. NVML's own
-    figure is also sampled in a thread (it keeps no peak), as a cross-check.
+    workspaces), measured as NVML's current figure minus the current reservation, both read
+    at the same moment (a sampled NVML figure from before training's memory was released,
+    set against the reservation after it, counted the released memory twice: 10.24 GiB
+    recorded for a 0.5B trial whose process NVML never saw above 5.92 GiB). NVML's own figure
+    is also sampled in a thread (it keeps no peak), as a cross-check.
     """
 
     def __init__(self, interval_s: float = 0.1):
@@ -93,6 +96,7 @@ class PeakMemory:
         self.phase_peak: float | None = None  # the last `phase()`'s peak, GiB
         self._stop = threading.Event()
         self._thread = None
+        self._read = nvml_reader() if self.cuda else None  # this process's NVML figure, now
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
             self._thread = threading.Thread(target=self._sample, args=(interval_s,), daemon=True)
@@ -127,9 +131,10 @@ class PeakMemory:
         if not self.cuda:
             return None
         reserved = torch.cuda.max_memory_reserved() / GIB
-        if not self.nvml_now:  # no NVML: the allocator's figure alone
+        used = self._read() if self._read else 0
+        if not used:  # no NVML: the allocator's figure alone
             return reserved
-        return reserved + max(0, self.nvml_now - torch.cuda.memory_reserved()) / GIB
+        return reserved + max(0, used - torch.cuda.memory_reserved()) / GIB
 
     def phase(self) -> tuple[float, int]:
         """The peak of the phase that ends now (GiB, as `read()` computes it) and the caching

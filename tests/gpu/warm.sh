@@ -4,17 +4,17 @@
 #   bash tests/gpu/warm.sh OUT_DIR pack       # 8 one at a time (fresh process each) vs 32 packed
 set -u
 out=${1:?OUT_DIR}/warm; mkdir -p "$out"
-cfg=tests/gpu/sweep-gpu.toml; data="data.dir=$PWD/data/gpu-sample"
+cfg=tests/gpu/sweep-gpu.toml; data="data.dir=$PWD/data/gpu-sample"; steps=${STEPS:-200}
 python3 -m src.random_qwen --shape 0.5B --tokenizer data/gpu-tokenizer \
   --out /tmp/qwen2.5-0.5b-random >/dev/null || exit 1
 case ${2:?overhead or pack} in
 overhead)
   # one configuration 5 times through one worker (the first trial loads the base, the others
   # take it), then twice in a process of its own: overhead, memory objective and loss curve
-  python3 -m sweep bench --overhead --warm --config $cfg --study gpu-sst2 --steps 200 \
-    --trials 5 --set "$data" --out "$out/worker" 2>&1 | grep -vE "SWEEP_PROGRESS|Loading|warn"
+  python3 -m sweep bench --overhead --warm --config $cfg --study gpu-sst2 --steps $steps \
+    --trials ${TRIALS:-5} --set "$data" --out "$out/worker" 2>&1 | grep -vE "SWEEP_PROGRESS|Loading|warn"
   for i in 1 2; do
-    python3 -m sweep bench --overhead --config $cfg --study gpu-sst2 --steps 200 --set "$data" \
+    python3 -m sweep bench --overhead --config $cfg --study gpu-sst2 --steps $steps --set "$data" \
       --out "$out/fresh$i" 2>&1 | grep "recorded"
   done
   python3 tests/gpu/warm_compare.py "$out" | tee "$out/compare.txt" ;;
