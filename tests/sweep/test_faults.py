@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -191,3 +192,37 @@ def test_api_key_never_stored_or_logged(tmp_path, tiny_model, shared_data):
         and (secret.encode() in p.read_bytes() or b"hf_also_secret" in p.read_bytes())
     ]
     assert leaks == [] and secret not in out.stdout + out.stderr
+
+
+def test_an_artifact_store_that_vanishes_mid_run_loses_nothing(tmp_path, tiny_model, shared_data):
+    """The MLflow artifact store disappears (a file now stands where its folder was) while
+    the first trial trains: both trials stay COMPLETE with their adapters on disk, each says
+    the failed upload once, and the next `sweep run` uploads what is missing."""
+    cfg = write_config(tmp_path, tiny_model, shared_data)
+    store = tmp_path / "storage" / "mlartifacts"
+    sweep = start_sweep(cfg, "train.max_steps=30", "train.eval_every=10")
+    try:
+        _child_pid(trial_folder(tmp_path, 0) / "spec.json")  # training
+        shutil.rmtree(store, ignore_errors=True)  # MLflow may not have made it yet
+        store.write_text("not a folder any more")
+        out, err = sweep.communicate(timeout=600)
+    finally:
+        sweep.kill()
+    assert sweep.returncode == 0, err[-3000:]
+    trials = study_trials(tmp_path)
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert out.count("MLflow upload failed") == 2, out
+    for trial in trials:
+        folder = trial_folder(tmp_path, trial.number)
+        assert (folder / "adapter" / "adapter_model.safetensors").is_file()
+        saved = json.loads((folder / "result.json").read_text())
+        assert saved["metrics"]["accuracy"] == trial.values[0]
+
+    store.unlink()  # the store is back
+    again = run_cli("run", "--study", "tiny", "--config", str(cfg), "--n-trials", "1")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("uploaded to MLflow now") == 2, again.stdout
+    for trial in trials:
+        run_id = trial.user_attrs["mlflow_run_id"]
+        assert list(store.glob(f"*/{run_id}/artifacts/adapter/adapter_model.safetensors"))
+    assert _mlflow_status(tmp_path)  # the tracking database is readable
