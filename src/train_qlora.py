@@ -181,8 +181,7 @@ def train_and_evaluate(
     clock.lap("load")
     objective = OBJECTIVES[spec["task"]]
     data_dir = Path(spec["data_dir"]) if spec["data_dir"] else None
-    train_rows, val_rows, eval_rows = load_rows(
-        spec["task"],
+    rows_args = (
         data_dir,
         train_cfg["train_examples"],
         train_cfg["val_examples"],
@@ -191,6 +190,7 @@ def train_and_evaluate(
         train_cfg["system_prompt"],
         spec.get("train_set"),
     )
+    train_rows, val_rows, eval_rows = load_rows(spec["task"], *rows_args)
     emit("data", train=len(train_rows), val=len(val_rows), eval=len(eval_rows))
 
     max_len = train_cfg["max_seq_len"]
@@ -204,8 +204,7 @@ def train_and_evaluate(
     trainer, progress = build_trainer(
         model,
         tokenizer,
-        to_dataset(tokenizer, train_rows[:needed], max_len),  # shuffled: only what trains
-        to_dataset(tokenizer, val_rows, max_len),
+        *tokenized(spec["task"], rows_args, tokenizer, needed, max_len),
         train_cfg,
         params["lr"],
         out_dir,
@@ -295,6 +294,18 @@ def load_rows(task: str, *args) -> tuple[list, list, list]:
     """The objective's (train, validation, evaluation) rows; a warm worker's next trial of
     the same study reuses what the last one read (lists copied, rows never changed)."""
     return tuple(list(rows) for rows in _rows(task, *args))
+
+
+@functools.lru_cache(maxsize=2)
+def tokenized(task: str, rows_args: tuple, tokenizer, needed: int, max_len: int) -> tuple:
+    """(training, validation) datasets of `load_rows(task, *rows_args)`: the first `needed`
+    training rows (shuffled: only what trains) and every validation row, tokenized; a warm
+    worker's next trial with the same rows and tokenizer reuses them (the Trainer derives
+    its own datasets from them, never changes them)."""
+    train, val, _ = _rows(task, *rows_args)
+    return to_dataset(tokenizer, list(train[:needed]), max_len), to_dataset(
+        tokenizer, list(val), max_len
+    )
 
 
 class Clock:
