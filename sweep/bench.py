@@ -52,7 +52,7 @@ def run(args) -> Path:
     cfg = config.load(args.config)
     if args.study not in cfg.studies:
         raise ConfigError(f"unknown study {args.study!r}", "--study")
-    model_dir, shape = _model(args, cfg)
+    model_dir, shape = model_folder(args, cfg)
     fixed = {
         "batch_size": args.batch,
         "max_seq_len": args.seq,
@@ -120,7 +120,7 @@ def recipes(cuda: bool, variants: dict[str, dict]) -> list[dict]:
     return plain + trial
 
 
-def _model(args, cfg) -> tuple[Path, str]:
+def model_folder(args, cfg) -> tuple[Path, str]:
     """(checkpoint folder, shape name): a Qwen2.5 shape built once under the cache, or a
     folder given as is."""
     if args.model in SHAPES:

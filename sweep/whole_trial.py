@@ -76,9 +76,9 @@ def run(args) -> Path:
 def checkpoint(args, cfg) -> tuple[Path, str]:
     """(folder, shape): a random-weight Qwen2.5 shape built once under the cache (a child
     process: torch), or a model folder given as is."""
-    from sweep.bench import SHAPES, _model
+    from sweep.bench import SHAPES, model_folder
 
-    folder, shape = _model(args, cfg)
+    folder, shape = model_folder(args, cfg)
     if shape in SHAPES and not (folder / "config.json").is_file():
         command = ["-m", "src.random_qwen", "--shape", shape, "--tokenizer", str(args.tokenizer)]
         done = subprocess.run(

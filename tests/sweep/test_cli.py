@@ -22,8 +22,9 @@ def _snapshot(folder):
     return digest.hexdigest()
 
 
-@pytest.fixture
-def project(tmp_path, shared_data):
+def fake_project(tmp_path, shared_data):
+    """(config, model folder): a model folder with just a config and a chat template (no
+    check here loads weights), and a storage folder holding finished work."""
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
@@ -31,6 +32,12 @@ def project(tmp_path, shared_data):
     cfg = write_config(tmp_path, model, shared_data)
     (tmp_path / "storage").mkdir()
     (tmp_path / "storage" / "keep.txt").write_text("finished work")
+    return cfg, model
+
+
+@pytest.fixture
+def project(tmp_path, shared_data):
+    cfg, _ = fake_project(tmp_path, shared_data)
     # a stored study with a finished trial: bad input must leave it exactly as it is
     url = f"sqlite:///{tmp_path}/storage/optuna.db"
     study = optuna.create_study(study_name="tiny", storage=url, directions=["maximize"] * 2)

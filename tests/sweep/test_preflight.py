@@ -9,19 +9,12 @@ import pytest
 
 from objectives import judges
 from sweep.__main__ import main
-from tests.conftest import write_config
-from tests.sweep.test_cli import _snapshot
+from tests.sweep.test_cli import _snapshot, fake_project
 
 
 @pytest.fixture
 def project(tmp_path, shared_data):
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
-    (model / "chat_template.jinja").write_text("{{ messages }}")
-    cfg = write_config(tmp_path, model, shared_data)
-    (tmp_path / "storage").mkdir()
-    (tmp_path / "storage" / "keep.txt").write_text("finished work")
+    cfg, model = fake_project(tmp_path, shared_data)
     return tmp_path, cfg, model
 
 
