@@ -80,7 +80,8 @@ class Warm:
         if key is not None and key == self.key and self.held is not None:
             held, self.held = self.held, None  # the trial's now; back by `give`
             return held
-        self.drop()
+        if self.held is not None:  # another base: freed before this trial loads its own
+            self.drop()
         return None
 
     def give(self, key: str | None, model, tokenizer, source: str, kernels: list) -> None:
@@ -96,7 +97,10 @@ class Warm:
 
     def drop(self) -> None:
         self.key, self.held = None, None
-        gc.unfreeze()  # the base was frozen with the rest (`serve`): collectable again
+        # the base was frozen with the rest (`serve`): collectable again. Only when one was
+        # held: unfreezing on a worker's first trial would put its imports back under every
+        # full collection
+        gc.unfreeze()
         free_memory()
 
 

@@ -354,7 +354,6 @@ def overhead(args) -> Path:
         trial_process.POOL.ready({})
     runs = [_timed_trial(cfg, study_cfg, params, folder / str(i), args) for i in range(args.trials)]
     trial_process.POOL.close()
-    shares = sorted(run["outside_share"] for run in runs)
     result = {
         "date": datetime.date.today().isoformat(),
         "study": args.study,
@@ -362,7 +361,7 @@ def overhead(args) -> Path:
         "steps": args.steps,
         "trials": args.trials,
         "warm_start": args.warm,
-        "median_outside_share": statistics.median(shares),
+        "median_outside_share": statistics.median(run["outside_share"] for run in runs),
         "runs": runs,
         # the first trial's figures, as single-trial runs reported them
         **{k: runs[0][k] for k in ("total_s", "outside_training_s", "outside_share", "phases")},

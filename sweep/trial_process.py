@@ -38,11 +38,11 @@ def launch(spec_path: Path, extra_env: dict[str, str] | None = None, trials: int
     env = extra_env or {}
     key = base_key(json.loads(Path(spec_path).read_text()))
     worker = POOL.take(env, key)
-    if worker is not None and worker.send(spec_path):
+    if worker is not None and worker.send(spec_path, key):
         return worker
     if worker is not None:  # it died meanwhile: start afresh
         stop(worker.proc)
-    return POOL.start(spec_path, env, trials)
+    return POOL.start(spec_path, env, trials, key)
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -55,8 +55,11 @@ def _key(env: dict[str, str]) -> tuple:
     return tuple(sorted(env.items()))
 
 
-def _start(spec_path: Path | None, extra_env: dict[str, str] | None, trials: int) -> Worker:
-    """A trial process; with no spec path, a spare that reads it from stdin once imported."""
+def _start(
+    spec_path: Path | None, extra_env: dict[str, str] | None, trials: int, key: str | None = None
+) -> Worker:
+    """A trial process; with no spec path, a spare that reads it from stdin once imported.
+    `key`: the base key of `spec_path`'s trial."""
     env = child_env(extra_env)
     spare = spec_path is None
     stderr = subprocess.DEVNULL if spare else (spec_path.parent / "stderr.log").open("w")
@@ -74,8 +77,7 @@ def _start(spec_path: Path | None, extra_env: dict[str, str] | None, trials: int
     )  # fmt: skip
     worker = Worker(proc, _key(extra_env or {}), trials)
     if spec_path is not None:  # its first trial, given on the command line
-        worker.left -= 1
-        worker.key = base_key(json.loads(spec_path.read_text()))
+        worker.took(key)
     return worker
 
 
@@ -98,16 +100,19 @@ class Worker:
         process's exit status."""
         return 0 if self.ended_trial else self.proc.returncode
 
-    def send(self, spec_path: Path) -> bool:
+    def send(self, spec_path: Path, key: str | None) -> bool:
+        """Hand it the trial of `spec_path` (base key `key`); False if it is gone."""
         try:
             self.proc.stdin.write(f"{spec_path}\n")
             self.proc.stdin.flush()
         except (OSError, ValueError):
             return False
-        self.key = base_key(json.loads(Path(spec_path).read_text()))
-        self.left -= 1
-        self.ended_trial = False
+        self.took(key)
         return True
+
+    def took(self, key: str | None) -> None:
+        """It runs a trial of base `key` now: one fewer left, the base it will hold."""
+        self.key, self.left, self.ended_trial = key, self.left - 1, False
 
     def wait_for(self, events: tuple[str, ...], timeout_s: float, log=None) -> str | None:
         """Read lines until one of `events` (returned), the end of its output or the timeout
@@ -194,11 +199,11 @@ class Pool:
             self.idle.setdefault(worker.env, []).append(worker)
         self._ensure_thread()
 
-    def start(self, spec_path: Path, env: dict[str, str], trials: int) -> Worker:
-        """A new process for `spec_path`, started by the pool's thread."""
+    def start(self, spec_path: Path, env: dict[str, str], trials: int, key: str | None) -> Worker:
+        """A new process for `spec_path` (base key `key`), started by the pool's thread."""
         box: queue.Queue = queue.Queue()
         self._ensure_thread()
-        self.requests.put((spec_path, env, trials, box))
+        self.requests.put((spec_path, env, trials, key, box))
         return box.get()
 
     def prepare(self, env: dict[str, str], count: int = 1, trials: int = 1) -> None:
@@ -211,7 +216,7 @@ class Pool:
             self.pending[key] = self.pending.get(key, 0) + missing
         self._ensure_thread()
         for _ in range(missing):
-            self.requests.put((None, env, trials, None))
+            self.requests.put((None, env, trials, None, None))
 
     def ready(self, env: dict[str, str], timeout_s: float = 600) -> Worker:
         """Wait until a spare for `env` exists and has imported everything (benchmarks)."""
@@ -241,8 +246,8 @@ class Pool:
                 continue
             if request is None:
                 return
-            spec_path, env, trials, box = request
-            worker = _start(spec_path, env, trials)
+            spec_path, env, trials, key, box = request
+            worker = _start(spec_path, env, trials, key)
             if box is not None:
                 box.put(worker)
                 continue
