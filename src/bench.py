@@ -45,7 +45,7 @@ from transformers import (
     set_seed,
 )
 
-from src import models, random_qwen, speed, train_qlora
+from src import models, profiling, random_qwen, speed, train_qlora
 from src.memory import PeakMemory
 from src.progress import emit
 
@@ -226,20 +226,9 @@ def fp32_check(bench: dict, check_batch, train_cfg: dict | None) -> tuple[float,
     return loss_and_grads(model, check_batch, autocast=False)
 
 
-CATEGORIES = (  # GPU kernels by name, for "what limits it"
-    ("dequantization", ("dequant",)),
-    ("attention", ("flash", "fmha", "attention", "efficient")),
-    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "wgmma", "sm90", "sm100", "cublas")),
-    ("fused kernels (Liger)", ("liger", "rms_norm", "swiglu", "rope", "cross_entropy")),
-    ("optimizer", ("optimizer", "adam")),
-)
-
-
 def profile(model, batch: torch.Tensor) -> dict:
     """One forward and backward under torch.profiler: GPU time by kernel category against the
     wall time (the rest is the GPU waiting for the CPU to launch work)."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -249,35 +238,9 @@ def profile(model, batch: torch.Tensor) -> dict:
     model.train()
     step()
     _sync()
-    started = time.perf_counter()
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profiling.Window() as window:
         step()
-        _sync()
-    wall = time.perf_counter() - started
-    kernels = [
-        e
-        for e in prof.key_averages()
-        if e.self_device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CUDA
-    ]
-    by_category = {name: 0.0 for name, _ in CATEGORIES} | {"other kernels": 0.0}
-    for event in kernels:
-        name = event.key.lower()
-        category = next(
-            (c for c, words in CATEGORIES if any(w in name for w in words)), "other kernels"
-        )
-        by_category[category] += event.self_device_time_total / 1e6
-    busy = sum(by_category.values())
-    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:12]
-    return {
-        "wall_s": wall,  # profiled, so somewhat slower than unprofiled
-        "gpu_busy_s": busy,
-        "gpu_idle_share": max(0.0, 1 - busy / wall),
-        "by_category_s": by_category,
-        "kernel_launches": sum(e.count for e in kernels),
-        "top_kernels": [
-            {"name": e.key[:90], "s": e.self_device_time_total / 1e6, "count": e.count} for e in top
-        ],
-    }
+    return window.summary
 
 
 def matmul_tflops(n: int = 8192, iters: int = 30) -> float | None:

@@ -26,6 +26,7 @@ would hold a copy of its layer's weight gradients (src/train_qlora.py).
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -225,6 +226,9 @@ class GraphSet:
         self.side_stream = torch.cuda.Stream()
         self.statics: dict = {}  # (gradients, signature) -> Statics
         self.warm: set = set()  # (gradients, signature) warmed up
+        # what the trial's result records: graphs captured (a layer's forward+backward pair
+        # counts one), host seconds spent warming up and capturing, calls run eagerly
+        self.stats = {"training": 0, "evaluation": 0, "capture_s": 0.0, "eager_calls": 0}
 
 
 class GraphedLayer:
@@ -260,6 +264,8 @@ class GraphedLayer:
         call = _Call(layer, args, kwargs)
         runner = self._replay(call)
         if runner is None:
+            if self.shared is not None:
+                self.shared.stats["eager_calls"] += 1
             runner = Eager(call.run, self.params, call.autocast)
         return Checkpoint.apply(runner, hidden, *self.params)
 
@@ -268,6 +274,7 @@ class GraphedLayer:
         call = _Call(self.layer, args, kwargs)
         graph = self._graph(call, self.forward_graphs, gradients=False)
         if graph is None:
+            self.shared.stats["eager_calls"] += 1
             return self.layer._call_impl(*args, **kwargs)
         return graph(call.sources, call.hidden)
 
@@ -290,10 +297,13 @@ class GraphedLayer:
                 statics = shared.statics[buffers] = Statics(call.sources, call.hidden, gradients)
             statics.fill(call.sources, call.hidden)
             run, warm = call.on(statics), (gradients, key) in shared.warm
+            started = time.perf_counter()
             if gradients:
                 found = Graphs(run, self.params, call.autocast, statics, shared, warm)
             else:
                 found = ForwardGraph(run, call.autocast, statics, shared, warm)
+            shared.stats["capture_s"] += time.perf_counter() - started
+            shared.stats["training" if gradients else "evaluation"] += 1
             table[key] = found
             shared.warm.add((gradients, key))
         return found
@@ -360,6 +370,15 @@ def install(layers: list, graphs: bool) -> int:
         layer._compiled_call_impl = GraphedLayer(layer, shared)
         count += 1
     return count
+
+
+def stats(model) -> dict:
+    """The graphs' counts (`GraphSet.stats`) of `model`; empty without graphs."""
+    for m in model.modules():
+        impl = getattr(m, "_compiled_call_impl", None)
+        if isinstance(impl, GraphedLayer) and impl.shared is not None:
+            return dict(impl.shared.stats, capture_s=round(impl.shared.stats["capture_s"], 3))
+    return {}
 
 
 def installed(model) -> bool:

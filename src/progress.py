@@ -29,9 +29,11 @@ class ProgressCallback(TrainerCallback):
         self.memory = memory
         self.train_seconds = 0.0
         self._t0 = 0.0
-        # the learning curve, kept in the trial's result.json: [step, tokens, train loss] per
-        # step; [step, validation loss, validation accuracy or None] per validation
+        # the learning curve, kept in the trial's result.json: [step, tokens, train loss,
+        # the step's seconds] per step; [step, validation loss, validation accuracy or None]
+        # per validation
         self.curve: dict[str, list] = {"train": [], "val": []}
+        self._step_s = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         emit("train_begin")
@@ -43,7 +45,8 @@ class ProgressCallback(TrainerCallback):
         self._t0 = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.train_seconds += time.perf_counter() - self._t0
+        self._step_s = time.perf_counter() - self._t0
+        self.train_seconds += self._step_s
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "eval_accuracy" in logs:  # TrialTrainer.evaluate logs it after the loss
@@ -53,7 +56,12 @@ class ProgressCallback(TrainerCallback):
             emit("eval_accuracy", step=step, val_accuracy=accuracy)
         if logs and "loss" in logs:
             self.curve["train"].append(
-                [state.global_step, int(state.num_input_tokens_seen), float(logs["loss"])]
+                [
+                    state.global_step,
+                    int(state.num_input_tokens_seen),
+                    float(logs["loss"]),
+                    round(self._step_s, 4),
+                ]
             )
             gpu = self.memory.so_far() if self.memory is not None else None
             if gpu is None and self.memory is not None and state.global_step % 10 == 1:

@@ -14,7 +14,9 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 
 import torch
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
@@ -135,6 +137,121 @@ def checkpoint_share(model, fraction: float) -> int:
     return sum(bool(layer.gradient_checkpointing) for layer in layers)
 
 
+BOUNDARIES = "packed_cu_seqlens"  # the model input that carries a packed row's boundaries
+DEVICES = {"cuda"}  # where torch's varlen attention runs
+SLOTS = 16  # boundaries padded to a multiple of this (empty sequences): few graph signatures
+
+
+@functools.cache
+def _varlen():
+    """torch's variable-length flash attention (torch >= 2.10) and how to ask for causal
+    attention and grouped key/value heads in this version; None where it is missing."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    return varlen_attn, causal, "enable_gqa" in params, "scale" in params
+
+
+def packed_attention_available() -> bool:
+    return torch.cuda.is_available() and _varlen() is not None
+
+
+def install_packed_attention() -> bool:
+    """Route transformers' "sdpa" attention through `packed_attention` in this process (a
+    trial process: every model in it). Calls without packed boundaries go to SDPA as before.
+    Returns whether it is in place (CUDA and torch's varlen attention)."""
+    if not packed_attention_available():
+        return False
+    register_packed_attention()
+    return True
+
+
+def register_packed_attention() -> None:
+    """transformers' attention registry is the place it offers for this (AttentionInterface);
+    the SDPA function it held stays the fallback."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    if not getattr(sdpa, "packed", False):
+        attention = functools.partial(packed_attention, sdpa=sdpa)
+        attention.packed = True
+        AttentionInterface.register("sdpa", attention)
+
+
+def packed_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout=0.0,
+    scaling=None,
+    sliding_window=None,
+    *,
+    sdpa,
+    **kwargs,
+):
+    """Attention of one concatenated row (query `[1, heads, tokens, dim]`) as separate causal
+    sequences, from the boundaries the collator put in the batch (`BOUNDARIES`, int32, its
+    unused tail repeating the row's length); anything else, or what this torch cannot do
+    (dropout, a sliding window, another scale), goes to `sdpa`. Returns `[1, tokens, heads,
+    dim]` as transformers' attention functions do."""
+    bounds = kwargs.get(BOUNDARIES)
+    found = _varlen()
+    usable = (
+        bounds is not None
+        and found is not None
+        and query.shape[0] == 1
+        and query.device.type in DEVICES
+        and not (dropout and module.training)
+        and sliding_window is None
+    )
+    if usable:
+        varlen_attn, causal, gqa, has_scale = found
+        default_scale = query.shape[-1] ** -0.5
+        usable = has_scale or scaling is None or abs(scaling - default_scale) < 1e-9
+    if not usable:
+        return sdpa(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            sliding_window=sliding_window,
+            **kwargs,
+        )
+    q = query[0].transpose(0, 1).contiguous()  # [tokens, heads, dim]
+    k = key[0].transpose(0, 1).contiguous()
+    v = value[0].transpose(0, 1).contiguous()
+    extra = dict(causal)
+    if k.shape[1] != q.shape[1]:
+        if gqa:
+            extra["enable_gqa"] = True
+        else:  # grouped heads as transformers' repeat_kv orders them
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if has_scale and scaling is not None:
+        extra["scale"] = scaling
+    tokens = q.shape[0]  # an upper bound of every sequence's length: static for a graph
+    out = varlen_attn(q, k, v, bounds, bounds, tokens, tokens, **extra)
+    return out.unsqueeze(0), None
+
+
+def boundaries(position_ids: torch.Tensor) -> torch.Tensor:
+    """A concatenated row's sequence starts (where positions restart) and its end, int32,
+    padded to a multiple of `SLOTS` by repeating the end (empty sequences)."""
+    row = position_ids[0]
+    starts = (row == 0).nonzero().flatten().tolist()
+    ends = [*starts, len(row)]
+    ends += [len(row)] * (-len(ends) % SLOTS)
+    return torch.tensor(ends, dtype=torch.int32)
+
+
 class PaddingFree:
     """Concatenate a batch of variable-length examples into one row with restarting position
     ids; a batch of equal lengths is stacked as is. Written here because transformers offers
@@ -144,10 +261,11 @@ class PaddingFree:
     graphs, which replay fixed shapes. Causal attention keeps the real tokens from seeing the
     padding, whose labels are ignored; `padding` counts the tokens added."""
 
-    def __init__(self, tokenizer, bucket: bool = False):
+    def __init__(self, tokenizer, bucket: bool = False, packed: bool = False):
         self.flat = DataCollatorWithFlattening(return_position_ids=True)
         self.padded = DataCollatorForSeq2Seq(tokenizer, padding=True)
         self.bucket = bucket
+        self.packed = packed  # add each concatenated row's boundaries (packed attention)
         self.pad_id = tokenizer.pad_token_id or 0
         self.padding = 0
 
@@ -158,7 +276,11 @@ class PaddingFree:
                 batch.pop("attention_mask", None)  # all ones: the causal kernel needs none
         else:
             batch = self.flat([{k: f[k] for k in ("input_ids", "labels")} for f in features])
-        return self._to_bucket(batch) if self.bucket else batch
+        if self.bucket:
+            batch = self._to_bucket(batch)
+        if self.packed and "position_ids" in batch:
+            batch[BOUNDARIES] = boundaries(batch["position_ids"])
+        return batch
 
     def _to_bucket(self, batch: dict) -> dict:
         rows, n = batch["input_ids"].shape
@@ -183,7 +305,7 @@ def bucket_length(n: int) -> int:
     return -(-n // step) * step
 
 
-def collator(tokenizer, packing: bool, cuda: bool, bucket: bool = False):
+def collator(tokenizer, packing: bool, cuda: bool, bucket: bool = False, packed: bool = False):
     if packing:
-        return PaddingFree(tokenizer, bucket)
+        return PaddingFree(tokenizer, bucket, packed)
     return DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8 if cuda else None)

@@ -254,18 +254,28 @@ def markdown(result: dict) -> str:
 def profiles(result: dict) -> list[str]:
     """Where one forward+backward's time goes, per recipe that was profiled."""
     rows = [(r["variant"], r["profile"]) for r in result["runs"] if r.get("profile")]
+    return profile_table(rows, "one forward + backward of one micro-batch (torch.profiler)")
+
+
+def profile_table(rows: list[tuple[str, dict]], title: str, label: str = "variant") -> list[str]:
+    """A Markdown table of src/profiling.py summaries, one row per (name, summary); with a
+    column of the profiled steps where the summaries have them."""
     if not rows:
         return []
     names = list(rows[0][1]["by_category_s"])
+    steps = any(p.get("steps") for _, p in rows)
     out = [
-        "\n## Profile: one forward + backward of one micro-batch (torch.profiler)\n",
-        "| variant | wall s | GPU busy s | GPU idle | kernels | " + " | ".join(names) + " |",
-        "|---" * (5 + len(names)) + "|",
+        f"\n## Profile: {title}\n",
+        f"| {label} | {'steps | ' if steps else ''}wall s | GPU busy s | GPU idle | kernels | "
+        + " | ".join(names)
+        + " |",
+        "|---" * (5 + steps + len(names)) + "|",
     ]
-    for variant, p in rows:
+    for name, p in rows:
         cells = " | ".join(f"{p['by_category_s'][n]:.3f}" for n in names)
+        step_cell = f"{p.get('steps')} | " if steps else ""
         out.append(
-            f"| {variant} | {p['wall_s']:.3f} | {p['gpu_busy_s']:.3f} | "
+            f"| {name} | {step_cell}{p['wall_s']:.3f} | {p['gpu_busy_s']:.3f} | "
             f"{_pct(p['gpu_idle_share'])} | {p['kernel_launches']:,} | {cells} |"
         )
     return out

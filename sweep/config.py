@@ -68,6 +68,9 @@ class Train:
     checkpoint_share: float = 1.0  # of the decoder layers recomputed (the rest keep activations)
     kernels: str = "auto"  # Liger's fused kernels where they run (CUDA + Triton), or "none"
     packing: bool = True  # padding-free batches of variable-length examples
+    # torch's varlen flash attention on packed rows (CUDA; src/speed.py). Off: its gradients
+    # disagreed with SDPA's on the GPU test (tests/gpu/test_packed_attention.py), unresolved
+    packed_attention: bool = False
     compile: bool = False  # torch.compile each decoder layer (CUDA only)
     cuda_graphs: bool = True  # checkpointed layers replayed as CUDA graphs (src/cuda_graphs.py)
     fused_lora: bool = True  # each LoRA layer as one autograd node (src/fused_lora.py)

@@ -52,8 +52,11 @@ class TrialResult:
     last_val_loss: float | None = None
     phases: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per phase
     generation: dict = dataclasses.field(default_factory=dict)  # src/generation.py's stats
-    # {"train": [[step, tokens, loss], ...], "val": [[step, val loss, val accuracy], ...]}
+    # {"train": [[step, tokens, loss, seconds], ...], "val": [[step, val loss, val accuracy], ...]}
     curve: dict = dataclasses.field(default_factory=dict)
+    # CUDA graphs (src/cuda_graphs.py): signatures captured, calls run eagerly instead
+    graphs: dict = dataclasses.field(default_factory=dict)
+    profile: dict = dataclasses.field(default_factory=dict)  # src/profiling.py, when asked
     device: str = ""
     error: str = ""
     versions: dict[str, str] = dataclasses.field(default_factory=dict)

@@ -45,8 +45,14 @@ def run(args) -> Path:
         raise ConfigError(f"unknown study {args.study!r}", "--study")
     # no memory cap: the plain recipe on a large shape needs more than the default 24 GiB
     # budget, and the comparison is of speed; both peaks are measured all the same
-    cfg = config.load(args.config, [*args.set, "vram_budget_gb=0"], study=args.study)
-    study_cfg = cfg.studies[args.study]
+    sets = [*args.set, "vram_budget_gb=0"]
+    cfg = config.load(args.config, sets, study=args.study)
+    # the trial path as configured, and each --variant: the same with [train] overrides
+    studies = {name: cfg.studies[args.study] for name in RECIPES}
+    for name, items in variant_sets(args.variant).items():
+        studies[name] = config.load(args.config, [*sets, *items], study=args.study).studies[
+            args.study
+        ]
     model_dir, shape = checkpoint(args, cfg)
     model = config.Model(alias=f"random-{shape}", path=model_dir)
     cfg = dataclasses.replace(cfg, models={**cfg.models, model.alias: model})
@@ -59,18 +65,31 @@ def run(args) -> Path:
         "dropout": args.dropout,
     }
     work = Path(tempfile.mkdtemp(prefix="sweep-whole-trial-"))
-    runs: dict[str, list[dict]] = {name: [] for name in RECIPES}
+    runs: dict[str, list[dict]] = {name: [] for name in studies}
     try:
         for round_ in range(args.rounds):
-            for recipe in RECIPES:
-                print(f"whole trial: {recipe}, round {round_ + 1} of {args.rounds}", flush=True)
-                folder = work / f"{recipe}-{round_}"
+            for name, study_cfg in studies.items():
+                print(f"whole trial: {name}, round {round_ + 1} of {args.rounds}", flush=True)
+                folder = work / f"{name}-{round_}"
                 folder.mkdir()
-                runs[recipe].append(one_trial(cfg, study_cfg, params, folder, recipe))
+                recipe = "plain" if name == "plain" else "trial"
+                outcome = one_trial(cfg, study_cfg, params, folder, recipe, args.profile)
+                runs[name].append(outcome)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result = summarize(runs, args, study_cfg, shape)
+    result = summarize(runs, args, studies["trial"], shape)
     return write(result, args.out)
+
+
+def variant_sets(specs: list[str]) -> dict[str, list[str]]:
+    """`NAME:key=value,key=value` -> {NAME: ["train.key=value", ...]} (checked when loaded)."""
+    out = {}
+    for spec in specs:
+        name, _, pairs = spec.partition(":")
+        if not name or name in RECIPES:
+            raise ConfigError(f"a variant needs a name other than {RECIPES}: {spec!r}", "--variant")
+        out[name] = [f"train.{kv}" for kv in pairs.split(",") if kv]
+    return out
 
 
 def checkpoint(args, cfg) -> tuple[Path, str]:
@@ -91,12 +110,17 @@ def checkpoint(args, cfg) -> tuple[Path, str]:
     return folder, shape
 
 
-def one_trial(cfg, study_cfg, params: dict, folder: Path, recipe: str) -> dict:
+def one_trial(
+    cfg, study_cfg, params: dict, folder: Path, recipe: str, profile: bool = False
+) -> dict:
     """One trial process from start to exit: its result.json, with the wall time seen from
-    here and when each progress event arrived."""
+    here and when each progress event arrived. `profile`: torch.profiler over 4 training
+    steps from 3/5 of the way (src/profiling.py)."""
     spec_path = trial.write_spec(cfg, study_cfg, params, folder)
     spec = json.loads(spec_path.read_text())
     spec["recipe"] = recipe
+    if profile:
+        spec["profile_steps"] = [spec["train"]["max_steps"] * 3 // 5, 4]
     spec_path.write_text(json.dumps(spec, indent=2))
     seen: dict[str, float] = {}
 
@@ -149,7 +173,32 @@ def measures(outcome: dict) -> dict:
         "metrics": outcome.get("metrics"),
         "last_val_loss": outcome.get("last_val_loss"),
         "device": outcome.get("device"),
+        "steps": steps(outcome),
+        "graphs": outcome.get("graphs") or {},
+        "profile": outcome.get("profile") or {},
     }
+
+
+def steps(outcome: dict) -> dict:
+    """Where the training time goes step by step (the curve's per-step seconds): the median
+    step, and with CUDA graphs the steps whose batch shape was new (their tokens, padding
+    included, first seen), which captured graphs, against the steps that replayed them."""
+    rows = [row for row in (outcome.get("curve") or {}).get("train", []) if len(row) > 3]
+    if not rows:
+        return {}
+    seconds = [row[3] for row in rows]
+    median = statistics.median(seconds)
+    out = {"count": len(rows), "median_s": median, "total_s": sum(seconds)}
+    if outcome.get("graphs"):
+        tokens = [b[1] - a[1] for a, b in zip([[0, 0]] + rows[:-1], rows, strict=True)]
+        new = {}
+        for size, sec in zip(tokens, seconds, strict=True):
+            new.setdefault(size, sec)
+        out["new_shape_steps"] = len(new)
+        out["new_shape_s"] = sum(new.values())
+        out["new_shape_extra_s"] = sum(sec - median for sec in new.values())
+        out["shapes"] = sorted(new)
+    return out
 
 
 def _rate(tokens, seconds) -> float | None:
@@ -171,11 +220,24 @@ def summarize(runs: dict[str, list[dict]], args, study_cfg, shape: str) -> dict:
     per = {name: [measures(o) for o in outcomes] for name, outcomes in runs.items()}
     plain, fast = per["plain"], per["trial"]
 
-    def ratio(*path, inverse=False):
-        a, b = _median(plain, *path), _median(fast, *path)
+    def ratio(*path, inverse=False, of=fast):
+        a, b = _median(plain, *path), _median(of, *path)
         if not a or not b:
             return None
         return a / b if inverse else b / a
+
+    variants = {
+        name: {
+            "median": _medians(rows),
+            "runs": rows,
+            "ratio": {
+                "whole_trial": ratio("wall_s", inverse=True, of=rows),
+                "training": ratio("train_tokens_per_s", of=rows),
+            },
+        }
+        for name, rows in per.items()
+        if name not in RECIPES
+    }
 
     gen_key = "generated_tokens_per_s_after_first_batch"
     return {
@@ -200,6 +262,7 @@ def summarize(runs: dict[str, list[dict]], args, study_cfg, shape: str) -> dict:
             "generation_all_batches": ratio("generated_tokens_per_s"),
             "evaluation_phase": ratio("phases_s", "evaluation", inverse=True),
         },
+        "variants": variants,
         "peak_gib": {
             "train": _median(fast, "peak_gib", "train"),
             "eval": _median(fast, "peak_gib", "eval"),
@@ -218,6 +281,7 @@ def _medians(rows: list[dict]) -> dict:
     )
     out["phases_s"] = {k: _median(rows, "phases_s", k) for k in rows[0]["phases_s"]}
     out["peak_gib"] = {k: _median(rows, "peak_gib", k) for k in ("train", "eval")}
+    out["steps"] = {k: _median(rows, "steps", k) for k in rows[0]["steps"] if k != "shapes"}
     return out
 
 
@@ -253,7 +317,71 @@ def markdown(result: dict) -> str:
             f"| {name} | {_num(plain['phases_s'].get(name), 1)} | "
             f"{_num(fast['phases_s'][name], 1)} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + step_lines(result) + profile_lines(result)) + "\n"
+
+
+def _each(result: dict) -> list[tuple[str, dict]]:
+    """(name, medians) of plain, the trial path and every variant."""
+    rows = [("plain", result["plain"]["median"]), ("trial", result["trial"]["median"])]
+    return rows + [(n, v["median"]) for n, v in result.get("variants", {}).items()]
+
+
+def step_lines(result: dict) -> list[str]:
+    """Training step by step, and the variants against plain."""
+    lines = [
+        "\n## Training steps\n",
+        "| recipe | tokens/s | x plain | whole trial s | steps | median step s | "
+        "new-shape steps | their s | their extra s | graphs captured (train / eval) | "
+        "capture s | eager calls |",
+        "|---" * 12 + "|",
+    ]
+    base = result["plain"]["median"]["train_tokens_per_s"]
+    for name, m in _each(result):
+        st, runs = m.get("steps") or {}, (result.get("variants", {}).get(name) or result[name])
+        g = runs["runs"][0].get("graphs") or {}
+        lines.append(
+            f"| {name} | {_num(m['train_tokens_per_s'], 0)} | "
+            f"{_num(m['train_tokens_per_s'] / base if base else None)} | {_num(m['wall_s'], 1)} | "
+            f"{_num(st.get('count'), 0)} | {_num(st.get('median_s'), 3)} | "
+            f"{_num(st.get('new_shape_steps'), 0)} | {_num(st.get('new_shape_s'), 1)} | "
+            f"{_num(st.get('new_shape_extra_s'), 1)} | "
+            f"{g.get('training', '-')} / {g.get('evaluation', '-')} | "
+            f"{_num(g.get('capture_s'), 1)} | {g.get('eager_calls', '-')} |"
+        )
+    return lines
+
+
+def profile_lines(result: dict) -> list[str]:
+    """torch.profiler over a few training steps (first round), per recipe that has one."""
+    found = []
+    for name, _ in _each(result):
+        runs = (result.get("variants", {}).get(name) or result[name])["runs"]
+        if runs and runs[0].get("profile"):
+            found.append((name, runs[0]["profile"]))
+    from sweep.bench import profile_table
+
+    lines = profile_table(found, "training steps (torch.profiler, first round)", "recipe")
+    for name, p in found:
+        lines.append(
+            f"\n{name}, busiest kernels: "
+            + "; ".join(
+                f"{k['name'][:60]} {k['s']:.3f} s ({k['count']})" for k in p["top_kernels"][:6]
+            )
+        )
+        lines.append(
+            f"\n{name}, busiest host operators: "
+            + "; ".join(
+                f"{k['name'][:50]} {k['s']:.3f} s ({k['count']})"
+                for k in p.get("top_host_ops", [])[:6]
+            )
+        )
+    for name, p in found:
+        if p.get("sync_sites"):
+            lines.append(
+                f"\n{name}, where the host waited for the GPU in the step after: "
+                + "; ".join(f"{site} ({n})" for site, n in p["sync_sites"].items())
+            )
+    return lines
 
 
 def _num(value, digits: int = 2) -> str:

@@ -29,9 +29,11 @@ def _trial(tiny_model, tmp_path, dropout: float = 0.0, **changes):
 
 def random_b(model) -> None:
     """LoRA B random too (it starts at zero), or A's gradient would be zero."""
+    gen = torch.Generator().manual_seed(4)  # on the CPU: the same draws for a CUDA model
     for name, param in model.named_parameters():
         if "lora_B" in name:
-            torch.nn.init.normal_(param, generator=torch.Generator().manual_seed(4))
+            with torch.no_grad():
+                param.copy_(torch.randn(param.shape, generator=gen))
 
 
 def test_bf16_trial_path_matches_plain_recipe(tiny_model, tmp_path):
@@ -74,6 +76,19 @@ def _examples(lengths: list[int]) -> list[dict]:
     return out
 
 
+def _losses_and_grads(model, *batches) -> list[tuple[float, list]]:
+    """(loss, trainable parameters' gradients) of each batch, gradients cleared after each."""
+    results = []
+    for batch in batches:
+        loss = model(**batch).loss
+        loss.backward()
+        results.append(
+            (loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad])
+        )
+        model.zero_grad()
+    return results
+
+
 def test_padding_free_batch_gives_the_padded_loss_and_gradients(tiny_model, tmp_path):
     """Concatenated examples with restarting positions must not attend across examples:
     the loss and gradients equal those of the padded batch."""
@@ -84,14 +99,7 @@ def test_padding_free_batch_gives_the_padded_loss_and_gradients(tiny_model, tmp_
     padded = speed.collator(tokenizer, packing=False, cuda=False)(examples)
     assert flat["input_ids"].shape == (1, 38) and "attention_mask" not in flat
     assert padded["input_ids"].shape == (3, 19)
-    results = []
-    for batch in (padded, flat):
-        loss = model(**batch).loss
-        loss.backward()
-        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
-        model.zero_grad()
-        results.append((loss.item(), grads))
-    (loss_a, grads_a), (loss_b, grads_b) = results
+    (loss_a, grads_a), (loss_b, grads_b) = _losses_and_grads(model, padded, flat)
     assert loss_b == pytest.approx(loss_a, rel=1e-5)
     for a, b in zip(grads_a, grads_b, strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -190,3 +198,55 @@ def test_trials_keep_attention_off_cudnn(monkeypatch):
     finally:
         torch.backends.cuda.enable_cudnn_sdp(True)  # torch's default
     assert not Train().cudnn_attention  # the trial's default
+
+
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, -1), **kw):
+    """What torch's varlen flash attention computes, by plain SDPA per sequence (the CPU has
+    no flash kernel): causal within each [start, end) of the boundaries, empty ones skipped."""
+    assert window_size == (-1, 0) and max_q == q.shape[0]
+    _reference_varlen.calls += 1
+    out = torch.zeros_like(q)
+    bounds = cu_q.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        if end > start:
+            part = torch.nn.functional.scaled_dot_product_attention(
+                *(t[start:end].transpose(0, 1) for t in (q, k, v)),
+                is_causal=True,
+                enable_gqa=kw.get("enable_gqa", False),
+            )
+            out[start:end] = part.transpose(0, 1)
+    return out
+
+
+def test_packed_attention_gives_the_padded_loss_and_gradients(tiny_model, tmp_path, monkeypatch):
+    """A concatenated row through the packed attention (its boundaries carried by the batch
+    from the collator through PEFT and the model to every attention call) gives the padded
+    batch's loss and gradients. torch's flash kernel is CUDA-only: on the CPU a per-sequence
+    SDPA stands in for it, so this checks the plumbing and the boundaries; tests/gpu checks
+    the kernel."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    model = _trial(tiny_model, tmp_path)
+    random_b(model)
+    tokenizer = models.load_tokenizer(str(tiny_model))
+    examples = _examples([7, 19, 12])
+    packed = speed.collator(tokenizer, packing=True, cuda=False, bucket=True, packed=True)(examples)
+    # 38 tokens padded to 64 (one more sequence), boundaries padded with empty sequences
+    assert packed["input_ids"].shape == (1, 64)
+    assert packed[speed.BOUNDARIES].tolist() == [0, 7, 26, 38, 64] + [64] * 11
+    padded = speed.collator(tokenizer, packing=False, cuda=False)(examples)
+    _reference_varlen.calls = 0
+    monkeypatch.setattr(
+        speed, "_varlen", lambda: (_reference_varlen, {"window_size": (-1, 0)}, True, True)
+    )
+    monkeypatch.setattr(speed, "DEVICES", {"cpu"})
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    speed.register_packed_attention()
+    try:
+        (loss_a, grads_a), (loss_b, grads_b) = _losses_and_grads(model, padded, packed)
+    finally:
+        AttentionInterface.register("sdpa", sdpa)
+    assert _reference_varlen.calls == 2  # the packed row's forward, once per layer
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)  # fp32 sums in another order

@@ -106,9 +106,18 @@ def test_the_learning_curve_is_kept_with_validation_accuracy(tmp_path, tiny_mode
     folder = tmp_path / "trial"
     folder.mkdir()
     spec = trial.write_spec(cfg, study, params | {"dropout": 0.0}, folder)
+    spec.write_text(json.dumps(json.loads(spec.read_text()) | {"profile_steps": [1, 2]}))
     result = train_qlora.main(spec)
-    curve = json.loads((folder / "result.json").read_text())["curve"]
+    saved = json.loads((folder / "result.json").read_text())
+    curve = saved["curve"]
     assert [row[0] for row in curve["train"]] == [1, 2, 3, 4]
+    # each step's seconds: they add up to the training time (the whole-trial bench's steps)
+    assert all(row[3] > 0 for row in curve["train"])
+    assert sum(row[3] for row in curve["train"]) == pytest.approx(result.train_seconds, rel=0.01)
+    # whole-trial bench --profile: steps 2 and 3 (after 1 done) under torch.profiler
+    profile = saved["profile"]
+    assert profile["steps"] == [1, 3] and 0 < profile["wall_s"] < result.train_seconds
+    assert profile["top_host_ops"] and profile["gpu_busy_s"] == 0.0  # the CPU: no kernels
     tokens = [row[1] for row in curve["train"]]
     assert tokens == sorted(tokens) and tokens[-1] == result.train_tokens > 0
     assert [row[0] for row in curve["val"]] == [2, 4]

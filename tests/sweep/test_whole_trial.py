@@ -1,0 +1,77 @@
+"""The whole-trial benchmark's reading of trial results (sweep/whole_trial.py): where the
+training time goes step by step, variants against plain. The trials themselves run on the
+GPU (tests/gpu/whole_trial.sh); here their results are written by hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from sweep import config, whole_trial
+from sweep.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _outcome(step_s: list[float], tokens: list[int], graphs: dict | None = None) -> dict:
+    seen, rows = 0, []
+    for i, (sec, n) in enumerate(zip(step_s, tokens, strict=True)):
+        seen += n
+        rows.append([i + 1, seen, 2.0, sec])
+    return {
+        "process_wall_s": 10 + sum(step_s),
+        "start_s": 1.0,
+        "phases": {"training": sum(step_s), "evaluation": 2.0},
+        "generation": {"seconds": 1.5, "tokens": 300},
+        "train_tokens": seen,
+        "train_tokens_per_s": seen / sum(step_s),
+        "total_params": 1000,
+        "peak_memory_gib": 3.0,
+        "eval_peak_memory_gib": 2.5,
+        "device": "NVIDIA H200",
+        "curve": {"train": rows, "val": []},
+        "graphs": graphs or {},
+        "profile": {},
+    }
+
+
+def test_new_shape_steps_are_told_apart_from_replays():
+    """With graphs, a step whose padded size is new captured; its extra time is counted."""
+    graphs = {"training": 56, "evaluation": 0, "capture_s": 2.0, "eager_calls": 0}
+    outcome = _outcome([3.0, 0.5, 0.5, 2.0, 0.5, 0.5], [512, 512, 512, 640, 640, 512], graphs)
+    st = whole_trial.steps(outcome)
+    assert st["count"] == 6 and st["median_s"] == 0.5
+    assert st["new_shape_steps"] == 2 and st["shapes"] == [512, 640]
+    assert st["new_shape_s"] == 5.0 and st["new_shape_extra_s"] == 4.0
+    # without graphs (plain) every step is just a step
+    assert "new_shape_steps" not in whole_trial.steps(_outcome([1.0, 1.0], [500, 480]))
+    # an old result without per-step seconds: nothing to say
+    old = _outcome([1.0], [500])
+    old["curve"]["train"] = [[1, 500, 2.0]]
+    assert whole_trial.steps(old) == {}
+
+
+def test_variants_are_compared_with_plain_and_shown(tmp_path):
+    runs = {
+        "plain": [_outcome([1.0] * 4, [400] * 4)],
+        "trial": [_outcome([0.5] * 4, [400] * 4, {"training": 2, "capture_s": 0.1})],
+        "eager": [_outcome([0.4] * 4, [400] * 4)],
+    }
+    args = SimpleNamespace(study="squad", rounds=1, rank=16)
+    study_cfg = config.load(ROOT / "sweep.toml", study="squad").studies["squad"]
+    result = whole_trial.summarize(runs, args, study_cfg, "7B")
+    assert result["ratio"]["training"] == pytest.approx(2.0)
+    assert result["variants"]["eager"]["ratio"]["training"] == pytest.approx(2.5)
+    text = whole_trial.markdown(result)
+    assert "| eager | 1,000 | 2.50 |" in text and "| trial | 800 | 2.00 |" in text
+
+
+@pytest.mark.parametrize("spec", ["plain:cuda_graphs=false", ":cuda_graphs=false", "trial"])
+def test_a_variant_needs_its_own_name(spec):
+    with pytest.raises(ConfigError):
+        whole_trial.variant_sets([spec])
+    assert whole_trial.variant_sets(["eager:cuda_graphs=false,packing=true"]) == {
+        "eager": ["train.cuda_graphs=false", "train.packing=true"]
+    }
