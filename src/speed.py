@@ -10,6 +10,9 @@
   (transformers turns those into a block-diagonal causal mask), so no padding is computed and
   attention never crosses examples. A batch whose examples all have one length is stacked
   instead: it has no padding, and the unmasked causal kernel is faster than a masked one.
+- logits only where they are scored: the prompt tokens' labels are masked, so the vocabulary
+  projection and the loss run on the positions followed by a labelled token alone
+  (`labelled_logits`, through transformers' `logits_to_keep`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
+import sys
 
 import torch
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
@@ -162,11 +166,72 @@ def packed_attention_available() -> bool:
 def install_packed_attention() -> bool:
     """Route transformers' "sdpa" attention through `packed_attention` in this process (a
     trial process: every model in it). Calls without packed boundaries go to SDPA as before.
-    Returns whether it is in place (CUDA and torch's varlen attention)."""
+    Returns whether it is in place: CUDA, torch's varlen attention, and that kernel agreeing
+    with SDPA here (`varlen_check`; where it does not, the trial says so and keeps SDPA)."""
     if not packed_attention_available():
+        return False
+    gap = varlen_check("cuda")
+    if gap > CHECK_TOLERANCE:
+        print(
+            f"packed_attention off: torch's varlen attention differs from SDPA by {gap:.3f} "
+            "(relative, output or gradients) on this GPU and torch; SDPA kept",
+            file=sys.stderr,
+        )
         return False
     register_packed_attention()
     return True
+
+
+CHECK_TOLERANCE = 2e-2  # bf16: a right kernel lands near 4e-3
+
+
+def per_sequence_attention(q, k, v, bounds: list[int]) -> torch.Tensor:
+    """The reference: causal SDPA on each [start, end) of `bounds` alone, `[tokens, heads,
+    dim]` in and out (grouped key/value heads allowed), empty sequences skipped."""
+    out = torch.zeros_like(q)
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        if end > start:
+            part = torch.nn.functional.scaled_dot_product_attention(
+                *(t[start:end].transpose(0, 1) for t in (q, k, v)),
+                is_causal=True,
+                enable_gqa=k.shape[1] != q.shape[1],
+            )
+            out[start:end] = part.transpose(0, 1)
+    return out
+
+
+@functools.cache
+def varlen_check(device: str) -> float:
+    """The largest relative difference of `packed_attention` (torch's varlen kernel as it is
+    called here) from `per_sequence_attention`, output and gradients of q, k and v, on a
+    small bf16 case with grouped heads and empty slots. Run once per process before packed
+    attention is used: the kernel's causal switch moved between torch versions (`is_causal`,
+    then `window_size`), and a backward that lost it would train wrong adapters under a
+    right-looking loss (the forward alone cannot tell)."""
+    gen = torch.Generator().manual_seed(5)
+    n, heads, kv, dim = 320, 4, 2, 64
+    bounds = [0, 75, 76, 203, 256, n] + [n] * (SLOTS - 6)
+    base = [torch.randn(n, h, dim, generator=gen) for h in (heads, kv, kv, heads)]
+    base = [t.to(device, torch.bfloat16) for t in base]
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+    module = type("Layer", (), {"training": True})()
+
+    def packed(q, k, v):
+        out, _ = packed_attention(
+            module, *(t.transpose(0, 1)[None] for t in (q, k, v)), None, sdpa=None,
+            **{BOUNDARIES: cu},
+        )  # fmt: skip
+        return out[0]
+
+    results = []
+    for attention in (packed, lambda q, k, v: per_sequence_attention(q, k, v, bounds)):
+        q, k, v = (t.clone().requires_grad_() for t in base[:3])
+        out = attention(q, k, v)
+        out.backward(base[3])
+        results.append([t.float() for t in (out, q.grad, k.grad, v.grad)])
+    return max(
+        float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(*results, strict=True)
+    )
 
 
 def register_packed_attention() -> None:
@@ -305,7 +370,56 @@ def bucket_length(n: int) -> int:
     return -(-n // step) * step
 
 
-def collator(tokenizer, packing: bool, cuda: bool, bucket: bool = False, packed: bool = False):
+def collator(
+    tokenizer,
+    packing: bool,
+    cuda: bool,
+    bucket: bool = False,
+    packed: bool = False,
+    labelled: bool = False,
+):
+    """The trial's batches: padding-free (`packing`) or padded; `labelled`: logits only at the
+    positions that are scored (`labelled_logits`)."""
     if packing:
-        return PaddingFree(tokenizer, bucket, packed)
-    return DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8 if cuda else None)
+        collate = PaddingFree(tokenizer, bucket, packed)
+    else:
+        collate = DataCollatorForSeq2Seq(
+            tokenizer, padding=True, pad_to_multiple_of=8 if cuda else None
+        )
+    return LabelledLogits(collate) if labelled else collate
+
+
+def labelled_logits(batch: dict) -> dict:
+    """Ask the model for logits only at the positions whose next token is labelled (in any
+    row) and at the last one: `logits_to_keep`, which transformers' causal LMs (and Liger's
+    fused loss) apply to the hidden states before the vocabulary projection. `labels` become
+    the targets of the kept positions behind one IGNORE, so the causal-LM loss's own shift
+    pairs each kept position with its target, and the last position (kept, never a target)
+    gets the IGNORE that shift pads with; the Trainer counts the same scored tokens.
+
+    The prompt's labels are masked (src/data.py), so this leaves out most positions of a
+    SQuAD or SST-2 row: the projection onto the vocabulary is 20-27 % of a small model's
+    training FLOPs, and its logits are the largest activation without fused kernels."""
+    labels = batch["labels"]
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    keep = (targets != IGNORE).any(dim=0)
+    keep[-1] = True
+    positions = keep.nonzero().flatten()
+    lead = torch.full((labels.shape[0], 1), IGNORE, dtype=labels.dtype)
+    batch["labels"] = torch.cat([lead, targets[:, positions[:-1]]], dim=1)
+    batch["logits_to_keep"] = positions
+    return batch
+
+
+class LabelledLogits:
+    """A collator's batches with `labelled_logits` applied (`padding`: the inner count)."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    @property
+    def padding(self) -> int:
+        return getattr(self.collate, "padding", 0)
+
+    def __call__(self, features: list[dict]) -> dict:
+        return labelled_logits(self.collate(features))

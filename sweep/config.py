@@ -68,6 +68,8 @@ class Train:
     checkpoint_share: float = 1.0  # of the decoder layers recomputed (the rest keep activations)
     kernels: str = "auto"  # Liger's fused kernels where they run (CUDA + Triton), or "none"
     packing: bool = True  # padding-free batches of variable-length examples
+    # logits and loss only at the positions followed by a labelled (answer) token
+    labelled_logits: bool = True
     # torch's varlen flash attention on packed rows (CUDA; src/speed.py). Off: its gradients
     # disagreed with SDPA's on the GPU test (tests/gpu/test_packed_attention.py), unresolved
     packed_attention: bool = False

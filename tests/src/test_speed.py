@@ -5,6 +5,7 @@ On the GPU the same comparison runs inside `python -m sweep bench` (Liger's kern
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -103,6 +104,39 @@ def test_padding_free_batch_gives_the_padded_loss_and_gradients(tiny_model, tmp_
     assert loss_b == pytest.approx(loss_a, rel=1e-5)
     for a, b in zip(grads_a, grads_b, strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_labelled_logits_give_the_full_loss_and_gradients(tiny_model, tmp_path, packing):
+    """Rows of a long masked prompt and a short answer (as SQuAD's): logits only where a
+    labelled token follows give the loss and gradients of the full logits, packed or padded,
+    with checkpointing's recomputation (train mode), from a tenth of the positions."""
+    model = _trial(tiny_model, tmp_path)
+    model.train()
+    random_b(model)
+    tokenizer = models.load_tokenizer(str(tiny_model))
+    examples = _examples([23, 9, 31])
+    for example, answer in zip(examples, (3, 2, 4), strict=True):
+        ids = example["input_ids"]
+        example["labels"] = [IGNORE] * (len(ids) - answer) + ids[-answer:]
+    full = speed.collator(tokenizer, packing, cuda=False)(copy.deepcopy(examples))
+    kept = speed.collator(tokenizer, packing, cuda=False, labelled=True)(copy.deepcopy(examples))
+    scored = int(full["labels"][:, 1:].ne(IGNORE).sum())
+    assert scored == 9 and int(kept["labels"].ne(IGNORE).sum()) == scored
+    positions = kept["logits_to_keep"]
+    assert kept["labels"].shape[1] == len(positions) <= scored + 1
+    assert positions[-1] == full["input_ids"].shape[1] - 1
+    (loss_a, grads_a), (loss_b, grads_b) = _losses_and_grads(model, full, kept)
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_labelled_logits_of_a_batch_without_labels_score_nothing():
+    batch = {"labels": torch.full((2, 5), IGNORE)}
+    out = speed.labelled_logits(batch)
+    assert out["logits_to_keep"].tolist() == [4]
+    assert out["labels"].tolist() == [[IGNORE], [IGNORE]]
 
 
 def test_equal_lengths_are_stacked_not_flattened(tiny_model):
@@ -205,17 +239,36 @@ def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, -1), *
     no flash kernel): causal within each [start, end) of the boundaries, empty ones skipped."""
     assert window_size == (-1, 0) and max_q == q.shape[0]
     _reference_varlen.calls += 1
+    return speed.per_sequence_attention(q, k, v, cu_q.tolist())
+
+
+def _acausal_varlen(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, -1), **kw):
+    """A kernel that lost the causal switch (as a backward could): each sequence sees all."""
     out = torch.zeros_like(q)
     bounds = cu_q.tolist()
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         if end > start:
             part = torch.nn.functional.scaled_dot_product_attention(
-                *(t[start:end].transpose(0, 1) for t in (q, k, v)),
-                is_causal=True,
-                enable_gqa=kw.get("enable_gqa", False),
+                *(t[start:end].transpose(0, 1) for t in (q, k, v)), enable_gqa=True
             )
             out[start:end] = part.transpose(0, 1)
     return out
+
+
+@pytest.mark.parametrize("kernel,agrees", [(_reference_varlen, True), (_acausal_varlen, False)])
+def test_the_varlen_check_tells_a_right_kernel_from_a_wrong_one(monkeypatch, kernel, agrees):
+    """Packed attention is installed only where the kernel passes `varlen_check`: a kernel
+    computing what flash's does passes, one that attends past the causal edge does not."""
+    _reference_varlen.calls = 0
+    how = ({"window_size": (-1, 0)}, True, True)
+    monkeypatch.setattr(speed, "_varlen", lambda: (kernel, *how))
+    monkeypatch.setattr(speed, "DEVICES", {"cpu"})
+    speed.varlen_check.cache_clear()
+    try:
+        gap = speed.varlen_check("cpu")
+    finally:
+        speed.varlen_check.cache_clear()
+    assert (gap < speed.CHECK_TOLERANCE) is agrees, gap
 
 
 def test_packed_attention_gives_the_padded_loss_and_gradients(tiny_model, tmp_path, monkeypatch):
