@@ -145,6 +145,8 @@ def _curves_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_replay(args: argparse.Namespace) -> None:
+    import sqlalchemy.exc
+
     from sweep import curves, replay
 
     if args.seeds <= 0 or args.budget <= 0:
@@ -160,6 +162,24 @@ def cmd_replay(args: argparse.Namespace) -> None:
     cfg = config.load(args.config)
     names = args.strategies.split(",") if args.strategies else None
     result = replay.replay(table, cfg, args.study, args.seeds, args.budget, names)
+    if args.live:  # read only: a storage that is not there is not created
+        url = config.resolve_url(args.live, Path.cwd())
+        if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+            raise ConfigError(f"no such database: {url}", "--live")
+        name = args.study or table["study"]
+        try:
+            storage = checks.make_storage(url)
+            found = optuna.load_study(study_name=name, storage=storage, sampler=None)
+        except KeyError:
+            raise ConfigError(f"no study {name!r} in {url}", "--live") from None
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
+            reason = str(err).splitlines()[0]
+            raise ConfigError(f"not an Optuna storage: {url} ({reason})", "--live") from None
+        try:
+            companion = optuna.load_study(study_name=f"{name}--val-loss", storage=storage)
+        except KeyError:
+            companion = None
+        result["live"] = replay.live(replay.Table(table), found, companion, result)
     if args.plot:
         replay.plot(result, args.plot)
     print(json.dumps(result, indent=1) if args.json else replay.show(result))
@@ -173,6 +193,7 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategies", help="only these of the alternatives (comma-separated)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
     p.add_argument("--plot", type=Path, help="anytime curves as a PNG")
+    p.add_argument("--live", metavar="STORAGE", help="a real study's storage to set against it")
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -3,7 +3,7 @@
 cost, over many seeds, in seconds on a CPU.
 
     python -m sweep replay --table docs/curves/sst2-smollm2.json.xz [--study NAME]
-        [--seeds 20] [--budget 30] [--json] [--plot FILE.png]
+        [--seeds 20] [--budget 30] [--json] [--plot FILE.png] [--live STORAGE]
 
 Each replayed trial asks the sampler for a configuration (sweep/space.py, as a real trial),
 snaps it to the nearest recorded one (rank, alpha multiple and learning rate on log scales,
@@ -15,6 +15,12 @@ the card). Each seed runs until its spent cost reaches `--budget` full trials.
 
 Strategies: the study's own (default: the table's space with [defaults]' sampler and pruner,
 marked `default`), random search without pruning, and the alternatives in `alternatives`.
+
+`--live STORAGE`: a real study of the table's study name (run with the replayed strategy) in
+that storage, costed the same way from what its trials recorded (training tokens, validations,
+finished or pruned), in trial-number order: its best-so-far when it had spent the budget,
+against the default strategy's interquartile band there. Packed trials share a card, so their
+wall time is not what one costs; the cost model is (as it is for the table).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from sweep import checks, space
+from sweep import checks, rows, space
 from sweep.config import Component, Config, Study, default_strategy
 from sweep.errors import ConfigError
 
@@ -323,6 +329,7 @@ def replay(
         ]
     return {
         "table_best": table.best,
+        "direction": direction,
         "table_runs": len(table.runs),
         "metric": table_data.get("metric"),
         "points_scale": table.points,
@@ -333,6 +340,41 @@ def replay(
         "noise_floor": table.noise_floor(),
         "runs_within_0_5": table.share_within(WITHIN),
         "strategies": results,
+    }
+
+
+def live(table: Table, study: optuna.Study, companion: optuna.Study | None, result: dict) -> dict:
+    """A real study's anytime curve in the table's currency (`--live`), and whether its best at
+    the budget lies within the default strategy's band of `result` (a `replay` result)."""
+    sign = -1 if result.get("direction") == "minimize" else 1
+    validations = rows.curves(companion)
+    spent, best, curve, counted = 0.0, None, [(0.0, None)], {"complete": 0, "pruned": 0}
+    for row in sorted(rows.trial_rows(study), key=lambda r: r["number"]):
+        if row["state"] not in counted:  # running, failed, infeasible: no recorded cost
+            continue
+        counted[row["state"]] += 1
+        vals = sum(1 for step in validations.get(row["number"], {}) if step <= row["steps"])
+        spent += table.start_s + row["train_tokens"] / table.rate + vals * table.val_s
+        if row["state"] == "complete":
+            spent += table.finish_s
+            if best is None or sign * row["metric"] > sign * best:
+                best = row["metric"]
+        curve.append((spent, best))
+    budget_s = result["budget_seconds"]
+    default = next(s for s in result["strategies"] if s["default"])
+    band = default["anytime"][-1]["quartiles"]  # the grid's last point is the budget
+    at_budget = best_at(curve, budget_s)
+    points = None if at_budget is None else at_budget * table.points
+    return {
+        "study": study.study_name,
+        "trials": counted["complete"] + counted["pruned"],
+        "pruned": counted["pruned"],
+        "spent_s": spent,
+        "budget_reached": spent >= budget_s,
+        "best_at_budget_points": points,
+        "default_band_at_budget": band,
+        "inside_band": bool(band and points is not None and band[0] <= points <= band[2]),
+        "curve": curve,
     }
 
 
@@ -386,6 +428,18 @@ def show(result: dict) -> str:
             q = point["quartiles"]
             shown = "-" if q is None else f"{q[1]:.2f} [{q[0]:.2f}, {q[2]:.2f}]"
             lines.append(f"    {point['seconds']:8.0f} s  {shown}")
+    if result.get("live"):
+        lv, band = result["live"], result["live"]["default_band_at_budget"]
+        best = lv["best_at_budget_points"]
+        shown_band = "-" if not band else f"[{band[0]:.2f}, {band[2]:.2f}]"
+        lines.append(
+            f"\nlive study {lv['study']!r}: {lv['trials']} trials ({lv['pruned']} pruned), "
+            f"{lv['spent_s']:.0f} s spent by the cost model"
+            + ("" if lv["budget_reached"] else " (less than the budget: the curve ends early)")
+            + f"; best at the budget {'-' if best is None else f'{best:.2f}'} points; the "
+            f"default strategy's band there {shown_band}"
+            f": {'inside' if lv['inside_band'] else 'outside'}"
+        )
     return "\n".join(lines)
 
 
@@ -404,6 +458,10 @@ def plot(result: dict, path: Path) -> None:
                           linewidth=2.5 if s["default"] else 1.2)  # fmt: skip
         ax.fill_between(x, [p["quartiles"][0] for p in pts], [p["quartiles"][2] for p in pts],
                         alpha=0.12, color=line.get_color())  # fmt: skip
+    if result.get("live"):
+        pts = [(t, b) for t, b in result["live"]["curve"] if b is not None]
+        ax.step([t / 60 for t, _ in pts], [b * result["points_scale"] for _, b in pts],
+                where="post", color="k", label=f"live: {result['live']['study']}")  # fmt: skip
     best = result["table_best"] * result["points_scale"]
     ax.axhline(best, color="k", linestyle=":", label="table best")
     ax.axhline(best - WITHIN, color="grey", linestyle=":", linewidth=0.8)

@@ -6,6 +6,10 @@
 #   call 2 (carry data/gguf-parts/part.ab, data/gpu-sample/sst2):
 #       bash tests/gpu/curves.sh OUT model alone packed table
 #   call 3 (same machine, still warm): bash tests/gpu/curves.sh OUT packed seeds table
+#   the live run (after `model`; docs/pruning.md): bash tests/gpu/curves.sh OUT live
+# Table rows keep `train.labelled_logits=false` (the code the first 69 rows were recorded with:
+# the same losses, but peaks and seconds of the full-vocabulary logits); the live run is the
+# product's defaults.
 # Trials of one storage run resumably: a call cut short keeps every finished trial.
 set -u
 out=${1:?OUT_DIR}; shift; started=$SECONDS
@@ -13,7 +17,8 @@ export PYTHONPATH=/tmp/site:$PWD OMP_NUM_THREADS=2
 gguf=SmolLM2-135M-Instruct.Q4_1.gguf
 sha=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 main=sqlite:////tmp/curves/main.db
-run() { python3 -m sweep run --study sst2-curves --set "data.dir=$PWD/data/gpu-sample" "$@" 2>&1 |
+run() { python3 -m sweep run --study sst2-curves --set "data.dir=$PWD/data/gpu-sample" \
+  --set train.labelled_logits=false "$@" 2>&1 |
   grep -E "^trial [0-9]+ (complete|fail|pruned)|error|Error" | tail -n 400; }
 mkdir -p /tmp/curves "$out"
 for step in "$@"; do
@@ -41,6 +46,18 @@ for step in "$@"; do
         --trials-per-gpu 10 --n-trials 10 --enqueue /tmp/curves/top10.json --timeout 200 &
     done
     wait ;;
+  live)  # the default strategy ([defaults]' sampler and pruner) on the table's study, packed,
+    # then costed by the table's cost model and set against the replay's band at 30 trials
+    python3 -m sweep run --study sst2-curves --set "data.dir=$PWD/data/gpu-sample" \
+      --set 'sampler={name="TPESampler", multivariate=true, seed=0}' \
+      --set 'pruner={name="MedianPruner", n_startup_trials=4, n_warmup_steps=0}' \
+      --storage sqlite:////tmp/curves/live.db --gpus 0 --trials-per-gpu "${PER_GPU:-4}" \
+      --n-trials 90 --timeout "${LIVE_S:-420}" 2>&1 | grep -cE "^trial [0-9]+ (complete|pruned)"
+    python3 -m sweep replay --table docs/curves/sst2-smollm2.json.xz --seeds 40 \
+      --live sqlite:////tmp/curves/live.db --json > "$out/live.json"
+    python3 -m sweep replay --table docs/curves/sst2-smollm2.json.xz --seeds 40 \
+      --strategies random-no-pruning --live sqlite:////tmp/curves/live.db | tail -2
+    cp /tmp/curves/live.db "$out/" ;;
   table)
     storages=(--storage $main)
     for seed in 1 2; do [ -f /tmp/curves/seed$seed.db ] && storages+=(--storage sqlite:////tmp/curves/seed$seed.db); done

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import optuna
 import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState, create_trial
 
 from sweep import config, curves, replay
 from tests.conftest import ROOT, run_cli
@@ -71,9 +74,72 @@ def test_replay_is_deterministic_and_pruning_saves_tokens(tmp_path):
     assert (tmp_path / "anytime.png").stat().st_size > 10_000
 
 
+def _live_study(url: str) -> list[tuple]:
+    """A study of the table's name as the sweep stores one, without training: two finished
+    trials and one pruned at step 20 (training tokens and steps on the trial, validation
+    losses on the companion's mirror trials). Returns (state, tokens, validations, metric)."""
+    made = [("complete", 287_360, 30, 0.85), ("pruned", 19_150, 2, None),
+            ("complete", 287_360, 30, 0.89)]  # fmt: skip
+    study = optuna.create_study(
+        study_name="sst2-curves", storage=url, directions=["maximize", "minimize"]
+    )
+    companion = optuna.create_study(study_name="sst2-curves--val-loss", storage=url)
+    lr = FloatDistribution(1e-5, 3e-3, log=True)
+    for number, (state, tokens, vals, metric) in enumerate(made):
+        steps = 300 if state == "complete" else 20
+        study.add_trial(
+            create_trial(
+                state=TrialState.COMPLETE if metric else TrialState.PRUNED,
+                values=[metric, 3.0] if metric else None,
+                params={"lr": 1e-4}, distributions={"lr": lr},
+                user_attrs={"train_tokens": tokens, "steps": steps},
+            )
+        )  # fmt: skip
+        companion.add_trial(
+            create_trial(
+                state=TrialState.COMPLETE if metric else TrialState.PRUNED,
+                value=1.0 if metric else None,
+                intermediate_values={10 * (k + 1): 1.0 for k in range(vals)},
+                user_attrs={"trial_number": number},
+            )
+        )
+    return made
+
+
+def test_a_live_study_is_costed_like_the_table_and_set_against_the_band(tmp_path):
+    url = f"sqlite:///{tmp_path / 'live.db'}"
+    made = _live_study(url)
+    out = run_cli(
+        "replay", "--table", str(SHIPPED), "--seeds", "3", "--budget", "8", "--json",
+        "--strategies", "random-no-pruning", "--live", url,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    lv, table = result["live"], replay.Table(curves.read(SHIPPED))
+    assert (lv["trials"], lv["pruned"]) == (3, 1)
+    expected = sum(
+        table.start_s + tokens / table.rate + vals * table.val_s
+        + (table.finish_s if state == "complete" else 0.0)
+        for state, tokens, vals, _ in made
+    )  # fmt: skip
+    assert lv["spent_s"] == pytest.approx(expected)
+    assert lv["budget_reached"] is (expected >= result["budget_seconds"])
+    assert lv["best_at_budget_points"] == pytest.approx(89.0)  # the budget (8 trials) not spent
+    band = next(s for s in result["strategies"] if s["default"])["anytime"][-1]["quartiles"]
+    assert lv["default_band_at_budget"] == band
+    assert lv["inside_band"] is (band[0] <= 89.0 <= band[2])
+    shown = run_cli(
+        "replay", "--table", str(SHIPPED), "--seeds", "3", "--budget", "8",
+        "--strategies", "random-no-pruning", "--live", url,
+    )  # fmt: skip
+    assert "live study 'sst2-curves': 3 trials (1 pruned)" in shown.stdout
+
+
 @pytest.mark.parametrize(
     "args, says",
     [
+        (["--table", str(SHIPPED), "--live", "sqlite:///nowhere.db"], "no such database"),
+        (["--table", str(SHIPPED), "--live", "sqlite:///README.md"], "not an Optuna storage"),
         (["--table", "missing.json.xz"], "no such file"),
         (["--table", "README.md"], "not a learning-curve table"),
         (["--table", str(SHIPPED), "--seeds", "0"], "must be > 0"),
