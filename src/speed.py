@@ -404,6 +404,8 @@ def labelled_logits(batch: dict) -> dict:
     targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)
     keep = (targets != IGNORE).any(dim=0)
     keep[-1] = True
+    if keep.all():  # every position scored (pretraining-style rows): nothing to leave out
+        return batch
     positions = keep.nonzero().flatten()
     lead = torch.full((labels.shape[0], 1), IGNORE, dtype=labels.dtype)
     batch["labels"] = torch.cat([lead, targets[:, positions[:-1]]], dim=1)

@@ -137,6 +137,8 @@ def test_labelled_logits_of_a_batch_without_labels_score_nothing():
     out = speed.labelled_logits(batch)
     assert out["logits_to_keep"].tolist() == [4]
     assert out["labels"].tolist() == [[IGNORE], [IGNORE]]
+    every = {"labels": torch.arange(10).reshape(2, 5)}  # all scored: left as it is
+    assert "logits_to_keep" not in speed.labelled_logits(every)
 
 
 def test_equal_lengths_are_stacked_not_flattened(tiny_model):
