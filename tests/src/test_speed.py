@@ -273,6 +273,25 @@ def test_the_varlen_check_tells_a_right_kernel_from_a_wrong_one(monkeypatch, ker
     assert (gap < speed.CHECK_TOLERANCE) is agrees, gap
 
 
+@pytest.mark.parametrize("check", [lambda device: 1.16, "raises"])
+def test_packed_attention_stays_off_where_the_kernel_fails_its_check(monkeypatch, capsys, check):
+    """A kernel that disagrees with SDPA, or that cannot run, leaves SDPA in place and the
+    trial says why on stderr (one line); the trial goes on."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def raises(device):
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.\nmore")
+
+    monkeypatch.setattr(speed, "packed_attention_available", lambda: True)
+    monkeypatch.setattr(speed, "varlen_check", raises if check == "raises" else check)
+    before = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    assert speed.install_packed_attention() is False
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith("packed_attention off: ")
+    assert ("Ampere" if check == "raises" else "1.160") in said[0]
+
+
 def test_packed_attention_gives_the_padded_loss_and_gradients(tiny_model, tmp_path, monkeypatch):
     """A concatenated row through the packed attention (its boundaries carried by the batch
     from the collator through PEFT and the model to every attention call) gives the padded
