@@ -63,9 +63,13 @@ def test_variants_are_compared_with_plain_and_shown(tmp_path):
     study_cfg = config.load(ROOT / "sweep.toml", study="squad").studies["squad"]
     result = whole_trial.summarize(runs, args, study_cfg, "7B")
     assert result["ratio"]["training"] == pytest.approx(2.0)
+    # 14 s vs 12 s from process start; 13 vs 11 after the 1 s of imports each
+    assert result["ratio"]["whole_trial"] == pytest.approx(14 / 12)
+    assert result["ratio"]["whole_trial_after_start"] == pytest.approx(13 / 11)
     assert result["variants"]["eager"]["ratio"]["training"] == pytest.approx(2.5)
     text = whole_trial.markdown(result)
     assert "| eager | 1,000 | 2.50 |" in text and "| trial | 800 | 2.00 |" in text
+    assert "later trials pay) (s) | 13.0 | 11.0 | 1.18 |" in text
 
 
 @pytest.mark.parametrize("spec", ["plain:cuda_graphs=false", ":cuda_graphs=false", "trial"])
