@@ -415,6 +415,13 @@ def labelled_logits(batch: dict) -> dict:
     return batch
 
 
+def keeps_logits(model) -> bool:
+    """Whether the causal LM under `model` (PEFT's wrapper or not) takes `logits_to_keep`:
+    transformers' own models do; a remote-code one may not, and then keeps every logit."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
 class LabelledLogits:
     """A collator's batches with `labelled_logits` applied (`padding`: the inner count)."""
 

@@ -527,7 +527,7 @@ def build_trainer(
             packing
             and train_cfg.get("packed_attention", False)
             and speed.install_packed_attention(),
-            train_cfg.get("labelled_logits", False),
+            train_cfg.get("labelled_logits", False) and speed.keeps_logits(model),
         ),
         callbacks=[progress, StopCheck()],
     )

@@ -132,6 +132,16 @@ def test_labelled_logits_give_the_full_loss_and_gradients(tiny_model, tmp_path, 
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_only_a_model_that_takes_logits_to_keep_gets_labelled_logits(tiny_model, tmp_path):
+    assert speed.keeps_logits(_trial(tiny_model, tmp_path))  # PEFT over transformers' Qwen2
+
+    class RemoteCode(torch.nn.Module):
+        def forward(self, input_ids, labels=None):
+            return input_ids
+
+    assert not speed.keeps_logits(RemoteCode())
+
+
 def test_labelled_logits_of_a_batch_without_labels_score_nothing():
     batch = {"labels": torch.full((2, 5), IGNORE)}
     out = speed.labelled_logits(batch)
