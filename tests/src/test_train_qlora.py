@@ -123,3 +123,29 @@ def test_the_learning_curve_is_kept_with_validation_accuracy(tmp_path, tiny_mode
     assert [row[0] for row in curve["val"]] == [2, 4]
     assert all(row[1] > 0 and 0 <= row[2] <= 1 for row in curve["val"])
     assert curve["val"][-1][1] == pytest.approx(result.last_val_loss)
+
+
+def test_labelled_logits_train_the_same_trial(tmp_path, tiny_model, shared_data):
+    """A whole trial (Trainer, its token count per batch, validation, evaluation) with logits
+    only where an answer token follows, against every position's: the same losses (to float
+    rounding) and metric."""
+    from sweep import config, trial
+    from tests.conftest import write_config
+
+    path = write_config(tmp_path, tiny_model, shared_data)
+    params = {"model": "tiny", "method": "qlora", "r": 4, "lora_alpha": 8.0, "lr": 1e-3}
+    saved = {}
+    for labelled in (True, False):
+        cfg = config.load(path, [f"train.labelled_logits={str(labelled).lower()}"], "tiny")
+        folder = tmp_path / f"labelled-{labelled}"
+        folder.mkdir()
+        spec = trial.write_spec(cfg, cfg.studies["tiny"], params | {"dropout": 0.0}, folder)
+        train_qlora.main(spec)
+        saved[labelled] = json.loads((folder / "result.json").read_text())
+    on, off = saved[True], saved[False]
+    assert on["status"] == off["status"] == "success"
+    for a, b in zip(on["curve"]["train"], off["curve"]["train"], strict=True):
+        assert a[:2] == b[:2] and a[2] == pytest.approx(b[2], rel=1e-4)
+    for a, b in zip(on["curve"]["val"], off["curve"]["val"], strict=True):
+        assert a[0] == b[0] and a[1] == pytest.approx(b[1], rel=1e-4)
+    assert on["metrics"] == pytest.approx(off["metrics"], rel=1e-3)
