@@ -145,8 +145,6 @@ def _curves_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_replay(args: argparse.Namespace) -> None:
-    import sqlalchemy.exc
-
     from sweep import curves, replay
 
     if args.seeds <= 0 or args.budget <= 0:
@@ -160,29 +158,37 @@ def cmd_replay(args: argparse.Namespace) -> None:
     except (OSError, ValueError, EOFError) as err:
         raise ConfigError(f"not a learning-curve table: {err}", "--table") from None
     cfg = config.load(args.config)
+    live = _live_study(args.live, args.study or table["study"]) if args.live else None
     names = args.strategies.split(",") if args.strategies else None
     result = replay.replay(table, cfg, args.study, args.seeds, args.budget, names)
-    if args.live:  # read only: a storage that is not there is not created
-        url = config.resolve_url(args.live, Path.cwd())
-        if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-            raise ConfigError(f"no such database: {url}", "--live")
-        name = args.study or table["study"]
-        try:
-            storage = checks.make_storage(url)
-            found = optuna.load_study(study_name=name, storage=storage, sampler=None)
-        except KeyError:
-            raise ConfigError(f"no study {name!r} in {url}", "--live") from None
-        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
-            reason = str(err).splitlines()[0]
-            raise ConfigError(f"not an Optuna storage: {url} ({reason})", "--live") from None
-        try:
-            companion = optuna.load_study(study_name=f"{name}--val-loss", storage=storage)
-        except KeyError:
-            companion = None
-        result["live"] = replay.live(replay.Table(table), found, companion, result)
+    if live:
+        result["live"] = replay.live(replay.Table(table), *live, result)
     if args.plot:
         replay.plot(result, args.plot)
     print(json.dumps(result, indent=1) if args.json else replay.show(result))
+
+
+def _live_study(url: str, name: str) -> tuple:
+    """(study, companion or None) of `replay --live`, read only: a storage that is not there
+    is not created; checked before the replay runs."""
+    import sqlalchemy.exc
+
+    url = config.resolve_url(url, Path.cwd())
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(f"no such database: {url}", "--live")
+    try:
+        storage = checks.make_storage(url)
+        found = optuna.load_study(study_name=name, storage=storage, sampler=None)
+    except KeyError:
+        raise ConfigError(f"no study {name!r} in {url}", "--live") from None
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
+        reason = str(err).splitlines()[0]
+        raise ConfigError(f"not an Optuna storage: {url} ({reason})", "--live") from None
+    try:
+        companion = optuna.load_study(study_name=f"{name}--val-loss", storage=storage)
+    except KeyError:
+        companion = None
+    return found, companion
 
 
 def _replay_args(p: argparse.ArgumentParser) -> None:
