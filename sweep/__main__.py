@@ -174,7 +174,8 @@ def _live_study(url: str, name: str) -> tuple:
     import sqlalchemy.exc
 
     url = config.resolve_url(url, Path.cwd())
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+    path = checks._sqlite_path(url)
+    if path is not None and not path.is_file():
         raise ConfigError(f"no such database: {url}", "--live")
     try:
         storage = checks.make_storage(url)
@@ -184,11 +185,15 @@ def _live_study(url: str, name: str) -> tuple:
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
         reason = str(err).splitlines()[0]
         raise ConfigError(f"not an Optuna storage: {url} ({reason})", "--live") from None
+    return found, _companion(name, storage)
+
+
+def _companion(name: str, storage) -> optuna.Study | None:
+    """The study's validation-loss companion (the pruner's mirror trials), if it has one."""
     try:
-        companion = optuna.load_study(study_name=f"{name}--val-loss", storage=storage)
+        return optuna.load_study(study_name=f"{name}--val-loss", storage=storage)
     except KeyError:
-        companion = None
-    return found, companion
+        return None
 
 
 def _replay_args(p: argparse.ArgumentParser) -> None:
@@ -207,12 +212,10 @@ def cmd_report(args: argparse.Namespace) -> None:
 
     cfg, storage, study = _open(args, args.study)
     out = (args.out or cfg.storage.reports / args.study).resolve()
-    try:
-        companion = optuna.load_study(study_name=f"{args.study}--val-loss", storage=storage)
-    except KeyError:
-        companion = None
     budget = study.user_attrs.get("vram_budget_gb", 0.0)
-    path = report.write(study, companion, out, budget, args.examples, args.max_new_tokens)
+    path = report.write(
+        study, _companion(args.study, storage), out, budget, args.examples, args.max_new_tokens
+    )
     run_id = tracking.log_report(cfg.storage.mlflow, args.study, out)
     print(f"report: {path} and {path.with_suffix('.html')}")
     if run_id:

@@ -145,8 +145,13 @@ class Table:
         steps = len(run["tokens"]) if stopped_at is None else stopped_at
         tokens = run["tokens"][steps - 1] if steps else 0
         vals = sum(1 for v in run["val"] if v[0] <= steps)
-        seconds = self.start_s + tokens / self.rate + vals * self.val_s
-        return seconds + (self.finish_s if stopped_at is None else 0.0), tokens
+        return self.seconds(tokens, vals, finished=stopped_at is None), tokens
+
+    def seconds(self, tokens: int, validations: int, finished: bool) -> float:
+        """The cost model: start, training tokens, validations, and the finish (save,
+        evaluate) of a trial that was not pruned."""
+        spent = self.start_s + tokens / self.rate + validations * self.val_s
+        return spent + (self.finish_s if finished else 0.0)
 
     @property
     def full_trial_s(self) -> float:
@@ -354,11 +359,10 @@ def live(table: Table, study: optuna.Study, companion: optuna.Study | None, resu
             continue
         counted[row["state"]] += 1
         vals = sum(1 for step in validations.get(row["number"], {}) if step <= row["steps"])
-        spent += table.start_s + row["train_tokens"] / table.rate + vals * table.val_s
-        if row["state"] == "complete":
-            spent += table.finish_s
-            if best is None or sign * row["metric"] > sign * best:
-                best = row["metric"]
+        finished = row["state"] == "complete"
+        spent += table.seconds(row["train_tokens"], vals, finished)
+        if finished and (best is None or sign * row["metric"] > sign * best):
+            best = row["metric"]
         curve.append((spent, best))
     budget_s = result["budget_seconds"]
     default = next(s for s in result["strategies"] if s["default"])
