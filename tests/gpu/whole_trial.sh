@@ -22,11 +22,12 @@ for step in $what; do
       --set eval.max_examples=64 --set eval.max_new_tokens=512 \
       --set 'eval.judge={name="openai", model="none", api_key_env="SWEEP_NO_JUDGE"}' \
       --variant all-logits:labelled_logits=false 2>&1 | quiet ;;
-  squad)  # the squad study's batch, sequence length and new tokens; 100 steps, 1,000 questions; torch.profiler over steps 60-63;
+  squad)  # the squad study's batch, sequence length and new tokens; 100 steps, 1,000 questions;
+    # PROFILE=1: torch.profiler over steps 60-63 (it slows both recipes: not for the target);
     # variants: every position's logits (as before session 13), and packed attention (if its kernel check passes)
     python3 -m sweep bench --whole-trial --study squad --model 7B \
       --tokenizer data/gpu-tokenizer --out "$out" --set "$data" --set train.max_steps=100 \
-      --set eval.max_examples=1000 --profile --variant all-logits:labelled_logits=false \
+      --set eval.max_examples=1000 ${PROFILE:+--profile} --variant all-logits:labelled_logits=false \
       --variant packed:packed_attention=true 2>&1 | quiet ;;
   esac
   echo "$step done at $((SECONDS - started)) s"
