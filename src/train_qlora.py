@@ -528,6 +528,7 @@ def build_trainer(
             and train_cfg.get("packed_attention", False)
             and speed.install_packed_attention(),
             train_cfg.get("labelled_logits", False) and speed.keeps_logits(model),
+            not speed.fuses_loss(model),
         ),
         callbacks=[progress, StopCheck()],
     )
@@ -558,6 +559,9 @@ class TrialTrainer(Trainer):
     def evaluate(self, *args, **kwargs):
         started = time.perf_counter()
         emit("validating", step=self.state.global_step)
+        collate = self.data_collator
+        if hasattr(collate, "evaluating"):  # labelled logits: always in validation
+            collate.evaluating = True
         try:
             metrics = super().evaluate(*args, **kwargs)
             if self.val_accuracy is not None:
@@ -565,6 +569,8 @@ class TrialTrainer(Trainer):
                 self.log({"eval_accuracy": metrics["eval_accuracy"]})
             return metrics
         finally:
+            if hasattr(collate, "evaluating"):
+                collate.evaluating = False
             self.validation_seconds += time.perf_counter() - started
 
     def _track_num_input_tokens(self, inputs):

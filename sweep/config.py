@@ -68,11 +68,11 @@ class Train:
     checkpoint_share: float = 1.0  # of the decoder layers recomputed (the rest keep activations)
     kernels: str = "auto"  # Liger's fused kernels where they run (CUDA + Triton), or "none"
     packing: bool = True  # padding-free batches of variable-length examples
-    # logits and loss only at the positions followed by a labelled (answer) token
+    # logits only at the positions followed by a labelled (answer) token: in the validation
+    # loss always, in training where the loss is not fused (src/speed.py)
     labelled_logits: bool = True
-    # torch's varlen flash attention on packed rows (CUDA; src/speed.py). Off: its gradients
-    # disagreed with SDPA's on the GPU test (tests/gpu/test_packed_attention.py), unresolved
-    packed_attention: bool = False
+    # torch's varlen flash attention on packed rows (CUDA, where its check passes; src/speed.py)
+    packed_attention: bool = True
     compile: bool = False  # torch.compile each decoder layer (CUDA only)
     cuda_graphs: bool = True  # checkpointed layers replayed as CUDA graphs (src/cuda_graphs.py)
     fused_lora: bool = True  # each LoRA layer as one autograd node (src/fused_lora.py)

@@ -37,7 +37,9 @@ def test_packed_attention_gives_the_masked_loss_and_gradients(tmp_path, monkeypa
     model, _ = train_qlora.setup(
         bench.model_spec(folder), params, _train_cfg(cuda_graphs=graphs), tmp_path
     )
-    random_b(model)
+    # B of a trained adapter's size: B ~ N(0, 1) on 24 random layers made the bf16 gradients
+    # chaotic (masked SDPA and the padded batch 115 % apart, the loss equal: session 14)
+    random_b(model, scale=0.01)
     tokenizer = models.load_tokenizer(folder)
     gen = torch.Generator().manual_seed(2)
     examples = []
@@ -63,13 +65,21 @@ def test_packed_attention_gives_the_masked_loss_and_gradients(tmp_path, monkeypa
     # the padded batch (plain causal attention, no packing) as the reference of both
     padded = speed.collator(tokenizer, packing=False, cuda=True)(examples)
     loss_r, grads_r = _loss_and_grads(model, padded)
+    # the noise floor: the same padded batch in the opposite order (other kernels' tiling)
+    flipped = speed.collator(tokenizer, packing=False, cuda=True)(examples[::-1])
+    _, grads_f = _loss_and_grads(model, flipped)
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
     errors = {
-        name: float((g - grads_r).norm() / grads_r.norm())
-        for name, g in (("masked", grads_m), ("packed", grads_p))
-    }
+        name: rel(g, grads_r)
+        for name, g in (("masked", grads_m), ("packed", grads_p), ("flipped", grads_f))
+    } | {"packed_vs_masked": rel(grads_p, grads_m)}
     print("MODEL CHECK", graphs, loss_r, loss_m, loss_p, errors)
     assert loss_p == pytest.approx(loss_m, rel=2e-3)
-    assert errors["packed"] < 2e-2, errors
+    # bf16 over 24 layers: another batch shape (other kernels, other sums) moves the gradients
+    # ~2.4 % (masked SDPA on the packed row against the padded batch; the same shapes
+    # reordered: ~1 %). Packed attention must be as close as the masked path, which it replaces
+    assert errors["masked"] < 5e-2, errors
+    assert errors["packed"] < max(1.5 * errors["masked"], 1e-2), errors
     assert loss_p2 == pytest.approx(loss_p, rel=1e-5)
 
 

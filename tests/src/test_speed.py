@@ -28,13 +28,13 @@ def _trial(tiny_model, tmp_path, dropout: float = 0.0, **changes):
     return train_qlora.setup(spec, params, _train_cfg(**changes), tmp_path)[0]
 
 
-def random_b(model) -> None:
+def random_b(model, scale: float = 1.0) -> None:
     """LoRA B random too (it starts at zero), or A's gradient would be zero."""
     gen = torch.Generator().manual_seed(4)  # on the CPU: the same draws for a CUDA model
     for name, param in model.named_parameters():
         if "lora_B" in name:
             with torch.no_grad():
-                param.copy_(torch.randn(param.shape, generator=gen))
+                param.copy_(scale * torch.randn(param.shape, generator=gen))
 
 
 def test_bf16_trial_path_matches_plain_recipe(tiny_model, tmp_path):
@@ -334,3 +334,14 @@ def test_packed_attention_gives_the_padded_loss_and_gradients(tiny_model, tmp_pa
     assert loss_b == pytest.approx(loss_a, rel=1e-5)
     for a, b in zip(grads_a, grads_b, strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)  # fp32 sums in another order
+
+
+def test_only_liger_s_forward_counts_as_a_fused_loss(tiny_model, tmp_path):
+    assert not speed.fuses_loss(_trial(tiny_model, tmp_path))  # transformers' own forward
+
+    def forward(self, input_ids, labels=None):
+        return input_ids
+
+    forward.__module__ = "liger_kernel.transformers.model.qwen2"
+    fused = type("Fused", (torch.nn.Module,), {"forward": forward})()
+    assert speed.fuses_loss(fused)

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from src import models, train_qlora
+from src import models, speed, train_qlora
 
 
 @pytest.mark.parametrize(
@@ -125,27 +125,44 @@ def test_the_learning_curve_is_kept_with_validation_accuracy(tmp_path, tiny_mode
     assert curve["val"][-1][1] == pytest.approx(result.last_val_loss)
 
 
-def test_labelled_logits_train_the_same_trial(tmp_path, tiny_model, shared_data):
+def test_labelled_logits_train_the_same_trial(tmp_path, tiny_model, shared_data, monkeypatch):
     """A whole trial (Trainer, its token count per batch, validation, evaluation) with logits
     only where an answer token follows, against every position's: the same losses (to float
-    rounding) and metric."""
+    rounding) and metric. Under a fused training loss (Liger's, stood in for here) only the
+    validation batches are cut: training keeps every position."""
     from sweep import config, trial
     from tests.conftest import write_config
 
     path = write_config(tmp_path, tiny_model, shared_data)
     params = {"model": "tiny", "method": "qlora", "r": 4, "lora_alpha": 8.0, "lr": 1e-3}
-    saved = {}
-    for labelled in (True, False):
+    saved, seen = {}, {}
+    collate = speed.LabelledLogits.__call__
+
+    def spy(self, features):
+        out = collate(self, features)
+        seen[name].append((self.evaluating, "logits_to_keep" in out))
+        return out
+
+    monkeypatch.setattr(speed.LabelledLogits, "__call__", spy)
+    runs = (("on", True, False), ("fused", True, True), ("off", False, False))
+    for name, labelled, fused in runs:
+        monkeypatch.setattr(speed, "fuses_loss", lambda model, fused=fused: fused)
         cfg = config.load(path, [f"train.labelled_logits={str(labelled).lower()}"], "tiny")
-        folder = tmp_path / f"labelled-{labelled}"
+        folder = tmp_path / name
         folder.mkdir()
         spec = trial.write_spec(cfg, cfg.studies["tiny"], params | {"dropout": 0.0}, folder)
+        seen[name] = []
         train_qlora.main(spec)
-        saved[labelled] = json.loads((folder / "result.json").read_text())
-    on, off = saved[True], saved[False]
-    assert on["status"] == off["status"] == "success"
-    for a, b in zip(on["curve"]["train"], off["curve"]["train"], strict=True):
-        assert a[:2] == b[:2] and a[2] == pytest.approx(b[2], rel=1e-4)
-    for a, b in zip(on["curve"]["val"], off["curve"]["val"], strict=True):
-        assert a[0] == b[0] and a[1] == pytest.approx(b[1], rel=1e-4)
-    assert on["metrics"] == pytest.approx(off["metrics"], rel=1e-3)
+        saved[name] = json.loads((folder / "result.json").read_text())
+    assert not seen["off"]
+    assert seen["on"] and all(kept for _, kept in seen["on"])
+    assert {evaluating for evaluating, _ in seen["fused"]} == {True, False}
+    assert all(evaluating == kept for evaluating, kept in seen["fused"])
+    off = saved["off"]
+    for on in (saved["on"], saved["fused"]):
+        assert on["status"] == off["status"] == "success"
+        for a, b in zip(on["curve"]["train"], off["curve"]["train"], strict=True):
+            assert a[:2] == b[:2] and a[2] == pytest.approx(b[2], rel=1e-4)
+        for a, b in zip(on["curve"]["val"], off["curve"]["val"], strict=True):
+            assert a[0] == b[0] and a[1] == pytest.approx(b[1], rel=1e-4)
+        assert on["metrics"] == pytest.approx(off["metrics"], rel=1e-3)
