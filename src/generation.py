@@ -66,10 +66,10 @@ def generate(
     model.eval()
     try:
         while job.left():  # out of memory: the rest again at half the batch size
-            rows = fitting_batch(model, job, batch_size, limit_bytes) if fast else batch_size
             try:
-                job.run(model, rows, fast, limit_bytes)
+                job.run(model, batch_size, fast, limit_bytes)
             except torch.OutOfMemoryError:
+                rows = stats["batch_size"]
                 if rows == 1:
                     raise
                 _release()
@@ -89,6 +89,7 @@ class Job:
         self.order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         self.done = 0
         self.out: list[list[int]] = [[] for _ in prompts]
+        self.scale: float | None = None  # measured / estimated bytes per row (first batch)
 
     def left(self) -> bool:
         return self.done < len(self.order)
@@ -96,16 +97,23 @@ class Job:
     def longest_left(self) -> int:
         return len(self.prompts[self.order[self.done]])
 
-    def run(self, model, rows: int, fast: bool, limit_bytes: int | None) -> None:
-        """The remaining prompts, `rows` at a time."""
-        self.stats["batch_size"] = rows
+    def run(self, model, batch_size: int, fast: bool, limit_bytes: int | None) -> None:
+        """The remaining prompts, up to `batch_size` at a time: fewer where the memory limit
+        says so (`fitting_batch`, after the dense weights took theirs), re-planned once from
+        what the first batch really used."""
         dense_weights = inference_weights(model, limit_bytes) if fast else contextlib.nullcontext()
         with dense_weights as dense:
             self.stats["dense_weights"] = bool(dense)
+            measure = fast and bool(limit_bytes) and torch.cuda.is_available()
+            rows = fitting_batch(model, self, batch_size, limit_bytes) if fast else batch_size
+            self.stats["batch_size"] = rows
+            before = torch.cuda.memory_reserved() if measure else 0
             runner = Runner(model, rows, self.max_new, self.pad, self.eos) if fast else None
             while self.left():
                 chunk = self.order[self.done : self.done + rows]
                 prompts = [self.prompts[i] for i in chunk]
+                first = measure and self.scale is None
+                need = self.row_need(model, max(map(len, prompts))) if first else 0
                 started = time.perf_counter()
                 if runner:
                     tokens = runner.generate(prompts)
@@ -115,7 +123,21 @@ class Job:
                 for i, ids in zip(chunk, tokens, strict=True):
                     self.out[i] = ids
                 self.done += len(chunk)
+                if need and self.left():  # the first batch's cost, cache and graph included
+                    used = torch.cuda.max_memory_reserved() - before
+                    self.scale = used / (rows * need)
+                    planned = fitting_batch(model, self, batch_size, limit_bytes, before)
+                    if planned != rows:  # the cache and graph of the old size go first
+                        runner = None
+                        _release()
+                        rows = self.stats["batch_size"] = planned
+                        runner = Runner(model, rows, self.max_new, self.pad, self.eos)
             self.stats["graphs"] = bool(runner and runner.graphed)
+            self.stats["row_scale"] = self.scale
+
+    def row_need(self, model, longest: int) -> int:
+        """`row_bytes` estimated for a batch whose longest prompt has `longest` tokens."""
+        return row_bytes(parts(model)[2], cache_length(longest, self.max_new), longest)
 
 
 def _account(stats: dict, tokens: list[list[int]], seconds: float) -> None:
@@ -204,15 +226,28 @@ def row_bytes(config, length: int, prompt_len: int, dtype_bytes: int = 2) -> int
     return cache + prefill + 4 * text.vocab_size
 
 
-def fitting_batch(model, job: Job, batch_size: int, limit_bytes: int | None) -> int:
+def fitting_batch(
+    model, job: Job, batch_size: int, limit_bytes: int | None, held: int | None = None
+) -> int:
     """`batch_size`, or fewer rows where the longest remaining batch would not fit under
-    `limit_bytes` next to what the process holds now (CUDA; elsewhere no limit)."""
+    `limit_bytes` next to what the process holds (`held`, default now; CUDA; elsewhere no
+    limit): `plan_rows` with the job's measured correction of `row_bytes`."""
     if not limit_bytes or not torch.cuda.is_available():
         return batch_size
-    longest = job.longest_left()
-    need = row_bytes(parts(model)[2], cache_length(longest, job.max_new), longest)
-    free = limit_bytes - torch.cuda.memory_reserved() - MARGIN_BYTES
-    return max(1, min(batch_size, free // need))
+    need = job.row_need(model, job.longest_left())
+    held = torch.cuda.memory_reserved() if held is None else held
+    return plan_rows(limit_bytes - held - MARGIN_BYTES, need, batch_size, job.scale)
+
+
+def plan_rows(free: int, need: int, batch_size: int, scale: float | None) -> int:
+    """Rows of `need` estimated bytes that fit in `free`. Before anything was measured
+    (`scale` None) a batch that the estimate limits starts at half of what it allows: the
+    estimate leaves out transients (on the H200, 7B SQuAD: 21 rows planned within an 11.5 GiB
+    training peak, 13.4 GiB used, docs/bench/README.md), and the first batch (the longest
+    prompts) sets the evaluation's peak. Once measured, `need * scale` is what a row costs."""
+    if scale is None:
+        return max(1, min(batch_size, free // need // 2))
+    return max(1, min(batch_size, int(free // (need * scale))))
 
 
 MARGIN_BYTES = 512 * 1024**2  # cuBLAS workspaces, the graph pool's slack, allocator rounding

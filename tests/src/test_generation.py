@@ -82,3 +82,19 @@ def test_fast_path_on_the_embedded_model_answers_squad_as_generate(embedded_mode
     plain = generate(model, tokenizer, rows, 16, 16, fast=False)
     same = sum(a == b for a, b in zip(fast, plain, strict=True))
     assert len(rows) == 200 and same >= 0.99 * len(rows), same
+
+
+def test_a_batch_is_planned_from_the_estimate_then_from_the_first_batch_s_cost():
+    """Ample memory: the study's batch. Limited and nothing measured yet: half of what the
+    estimate allows (the first batch, the longest prompts, sets evaluation's peak). Measured:
+    rows of `need * scale` bytes, more where the estimate was too high, never below one."""
+    from src.generation import plan_rows
+
+    need = 100
+    assert plan_rows(free=100 * need, need=need, batch_size=16, scale=None) == 16
+    assert plan_rows(free=20 * need, need=need, batch_size=32, scale=None) == 10
+    assert plan_rows(free=20 * need, need=need, batch_size=32, scale=1.5) == 13
+    assert plan_rows(free=20 * need, need=need, batch_size=32, scale=0.8) == 25
+    assert plan_rows(free=20 * need, need=need, batch_size=16, scale=0.8) == 16
+    assert plan_rows(free=-need, need=need, batch_size=16, scale=None) == 1
+    assert plan_rows(free=need // 2, need=need, batch_size=16, scale=2.0) == 1
