@@ -3,6 +3,14 @@
 # (plain recipe + model.generate against the trial path) on AlpacaEval with the 0.5B shape and
 # on SQuAD with the 7B shape. Results (JSON + Markdown) go to $1/bench.
 #   bash tests/gpu/whole_trial.sh OUT_DIR [alpacaeval|squad|tests ...]
+# data/gpu-sample (git-ignored, carried along) holds sst2/ and squad/ of ../shared/data, and for
+# alpacaeval alpaca/alpaca_data_5000.json.xz and alpacaeval/ without most annotation files
+# (all of them are 63 MB, over what one call may carry with .whl/; preflight needs some):
+#   mkdir -p data/gpu-sample/alpaca && cp ../shared/data/alpaca/alpaca_data_5000.json.xz data/gpu-sample/alpaca/
+#   cp -r ../shared/data/alpacaeval data/gpu-sample/ && chmod -R u+w data/gpu-sample
+#   rm -r data/gpu-sample/alpacaeval/annotations
+#   a=alpacaeval/annotations/weighted_alpaca_eval_gpt4_turbo; mkdir -p data/gpu-sample/$a
+#   ls -S ../shared/data/$a | tail -12 | xargs -I{} cp ../shared/data/$a/{} data/gpu-sample/$a/
 set -u
 out=${1:?OUT_DIR}/bench; shift; what=${*:-tests alpacaeval squad}; started=$SECONDS
 data="data.dir=$PWD/data/gpu-sample"; mkdir -p "$out"
@@ -24,11 +32,11 @@ for step in $what; do
       --variant all-logits:labelled_logits=false 2>&1 | quiet ;;
   squad)  # the squad study's batch, sequence length and new tokens; 100 steps, 1,000 questions;
     # PROFILE=1: torch.profiler over steps 60-63 (it slows both recipes: not for the target);
-    # variants: every position's logits (as before session 13), and packed attention (if its kernel check passes)
+    # variants: every position's logits also in validation, and masked SDPA instead of packed attention
     python3 -m sweep bench --whole-trial --study squad --model 7B \
       --tokenizer data/gpu-tokenizer --out "$out" --set "$data" --set train.max_steps=100 \
       --set eval.max_examples=1000 ${PROFILE:+--profile} --variant all-logits:labelled_logits=false \
-      --variant packed:packed_attention=true 2>&1 | quiet ;;
+      --variant sdpa:packed_attention=false 2>&1 | quiet ;;
   esac
   echo "$step done at $((SECONDS - started)) s"
 done
