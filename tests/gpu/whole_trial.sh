@@ -14,6 +14,8 @@
 set -u
 out=${1:?OUT_DIR}/bench; shift; what=${*:-tests alpacaeval squad}; started=$SECONDS
 data="data.dir=$PWD/data/gpu-sample"; mkdir -p "$out"
+variants="--variant all-logits:labelled_logits=false --variant sdpa:packed_attention=false"
+[ "${VARIANTS:-}" = none ] && variants=""
 quiet() { grep -vE "SWEEP_PROGRESS|Loading|Warning|warn|^\s*$" || true; }
 for step in $what; do
   case $step in
@@ -32,11 +34,11 @@ for step in $what; do
       --variant all-logits:labelled_logits=false 2>&1 | quiet ;;
   squad)  # the squad study's batch, sequence length and new tokens; 100 steps, 1,000 questions;
     # PROFILE=1: torch.profiler over steps 60-63 (it slows both recipes: not for the target);
-    # variants: every position's logits also in validation, and masked SDPA instead of packed attention
+    # variants: every position's logits also in validation, and masked SDPA instead of packed
+    # attention (VARIANTS=none: plain and trial alone, ~5 min instead of ~9)
     python3 -m sweep bench --whole-trial --study squad --model 7B \
       --tokenizer data/gpu-tokenizer --out "$out" --set "$data" --set train.max_steps=100 \
-      --set eval.max_examples=1000 ${PROFILE:+--profile} --variant all-logits:labelled_logits=false \
-      --variant sdpa:packed_attention=false 2>&1 | quiet ;;
+      --set eval.max_examples=1000 ${PROFILE:+--profile} $variants 2>&1 | quiet ;;
   esac
   echo "$step done at $((SECONDS - started)) s"
 done

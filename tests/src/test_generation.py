@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -98,3 +100,42 @@ def test_a_batch_is_planned_from_the_estimate_then_from_the_first_batch_s_cost()
     assert plan_rows(free=20 * need, need=need, batch_size=16, scale=0.8) == 16
     assert plan_rows(free=-need, need=need, batch_size=16, scale=None) == 1
     assert plan_rows(free=need // 2, need=need, batch_size=16, scale=2.0) == 1
+
+
+def test_rows_are_planned_again_at_each_shorter_cache_length(tiny_model, monkeypatch):
+    """Under a memory limit, the first batch (the longest prompts) runs with the estimate's
+    rows, the next with the rows its measured cost allows, and once the cache gets shorter
+    with more rows: the answers stay those of `generate` throughout."""
+    from src import generation
+
+    model, tokenizer = _adapted(tiny_model)
+    long = "Tell me everything about the history of the city of Paris and of France. " * 4
+    questions = [long + str(i) for i in range(5)] + [f"Why {i}?" for i in range(8)]
+    examples = [{"messages": chat(q, None)} for q in questions]
+    lengths = []
+
+    def fitting(model, job, batch_size, limit_bytes, held=None):  # the plan, by prompt length
+        lengths.append(job.next_length())
+        if job.scale is None:
+            return 1
+        return 2 if job.longest_left() > 64 else 4
+
+    monkeypatch.setattr(generation, "fitting_batch", fitting)
+    monkeypatch.setattr(generation, "inference_weights", lambda m, limit: _no_dense())
+    monkeypatch.setattr(generation, "_release", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: 10**6)
+    stats = {}
+    fast = generate(model, tokenizer, examples, 8, 6, fast=True, limit_bytes=10**9, stats=stats)
+    monkeypatch.undo()
+    plain = generate(model, tokenizer, examples, 8, 6, fast=False)
+    assert fast == plain and all(fast)
+    assert len(set(lengths)) == 2  # planned at the start, after the first batch, when shorter
+    assert stats["batch_sizes"] == [1, 2, 4] and stats["batches"] == 1 + 2 + 2
+    assert stats["row_scale"] is not None
+
+
+@contextlib.contextmanager
+def _no_dense():
+    yield False
