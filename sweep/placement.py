@@ -161,6 +161,15 @@ class Placement:
             return gpu
         return None
 
+    def open_slots(self, gpu: int | None) -> int:
+        """How many more trials may run at once next to the running ones on `gpu` (its share
+        of the count limit; memory, not known yet for a new model, decides when they start)."""
+        with self.lock:
+            if not self.gpus or gpu is None:
+                return max(0, self.limit - len(self.running))
+            share = max(1, self.limit // len(self.gpus))
+            return max(0, share - sum(s.gpu == gpu for s in self.running))
+
     def observe(self, slot: Slot, peak_gib: float) -> None:
         """A running trial reports its peak so far: expect that (x margin) of it and of the
         next trials of its model, instead of the conservative first guess."""

@@ -33,6 +33,7 @@ from sweep.tracking import Tracker
 from sweep.trial import Heartbeat, ask, owner_gone, run_one, upload_pending
 
 MAX_SPARES = 4  # trial processes kept imported ahead per GPU (each holds ~0.6 GiB of RAM)
+SPARE_GIB = 1.0  # host memory counted per spare (imports, CUDA libraries mapped) when many start
 
 console = Console(soft_wrap=True)  # whole lines: the terminal (or a log file) wraps them
 
@@ -182,14 +183,36 @@ def launch_trials(cfg, study_cfg, study, companion, tracker, placement, workers,
             return
         where = f" on {slot.where()}" if slot.gpu is not None else ""
         console.print(f"[bold]trial {trial.number}[/]{where} {params}")
-        # processes for the next trials, their imports overlapping this one: as many as may
-        # start together when several running trials end at once
-        spares = min(total - launched - 1, placement.limit, MAX_SPARES)
-        if study_cfg.worker_trials > 1:  # warm workers take most next trials: one for the rest
-            spares = min(spares, 1)
+        spares = spares_ahead(
+            total - launched - 1,
+            placement.limit,
+            placement.open_slots(slot.gpu),
+            study_cfg.worker_trials > 1,
+            spare_room(),
+        )
         workers.start(run_and_report, cfg, study_cfg, trial, params, companion, tracker,
                       placement, slot, spares)  # fmt: skip
         launched += 1
+
+
+def spare_room(per_spare_gib: float = SPARE_GIB) -> int:
+    """How many spare processes half of the host's available memory holds."""
+    import psutil
+
+    return int(psutil.virtual_memory().available / 1024**3 / 2 / per_spare_gib)
+
+
+def spares_ahead(left: int, limit: int, open_slots: int, warm: bool, room: int = 64) -> int:
+    """Trial processes to start now for the next trials, their imports overlapping the running
+    ones: once the card is full, as many as may start together when several running trials
+    end at once (fresh processes), or one (warm workers take most next trials: one for a
+    trial of another base); while it is not (`open_slots`: the first wave, where the placement
+    lets few trials start until their peaks are known, then many at once), one for each trial
+    that may still start. On the H200 the first wave's later trials otherwise started their
+    imports only when the card took them: 21 s after the first, 70 s for 32 packed trials
+    (docs/bench/README.md, session 15). `room`: at most that many (`spare_room`: host memory)."""
+    steady = 1 if warm else min(limit, MAX_SPARES)
+    return max(0, min(left, max(steady, min(open_slots, room))))
 
 
 def wait_for_slot(placement: Placement, trial: optuna.Trial, params: dict):

@@ -54,6 +54,19 @@ def test_running_trials_tighten_the_first_wave(h200):
     assert first[0] not in p.running and len(p.running) == 4 + len(more)
 
 
+def test_open_slots_count_what_may_still_start_per_card(h200):
+    """While memory holds the first wave back, the count limit says how many trials may still
+    start on a card (the sweep starts their processes ahead)."""
+    p = Placement([0, 1], None, 1, budget_gib=24.0, learned={}, cores=16)
+    first = _fill(p, ("m", "qlora"))  # 5 per card: nothing known yet
+    assert [p.open_slots(g) for g in (0, 1)] == [8 - 5, 8 - 5]
+    p.give(first[0], 2.0, False)
+    assert p.open_slots(first[0].gpu) == 4 and p.open_slots(1 - first[0].gpu) == 3
+    cpu = Placement(None, 1, 3, budget_gib=24.0, learned={}, cores=12)
+    cpu.take(("m", "qlora"))
+    assert cpu.open_slots(None) == 2
+
+
 def test_auto_spreads_over_gpus_and_caps_at_cores(h200):
     p = Placement([0, 1], None, 1, budget_gib=24.0, learned={("m", "qlora"): 1.0}, cores=8)
     slots = _fill(p, ("m", "qlora"))

@@ -260,3 +260,19 @@ def test_methods_grid_trains_lora_and_full_fine_tuning(tmp_path, tiny_model, sha
 
 def _sets(items: list[str]) -> list[str]:
     return [arg for item in items for arg in ("--set", item)]
+
+
+def test_spares_cover_the_first_wave_then_one_beside_warm_workers():
+    """Processes started ahead: one per trial the card may still take while the first wave
+    waits for its peaks to be known; once it is full, one beside warm workers, or as many as
+    may start together (at most MAX_SPARES) when each trial gets a fresh process."""
+    from sweep.study import MAX_SPARES, spares_ahead
+
+    assert spares_ahead(left=31, limit=16, open_slots=11, warm=True) == 11
+    assert spares_ahead(left=31, limit=16, open_slots=0, warm=True) == 1
+    assert spares_ahead(left=31, limit=16, open_slots=0, warm=False) == MAX_SPARES
+    assert spares_ahead(left=31, limit=16, open_slots=11, warm=False) == 11
+    assert spares_ahead(left=2, limit=16, open_slots=11, warm=True) == 2  # no more trials
+    assert spares_ahead(left=0, limit=1, open_slots=0, warm=False) == 0
+    assert spares_ahead(left=5, limit=1, open_slots=0, warm=False) == 1  # one at a time
+    assert spares_ahead(left=31, limit=16, open_slots=11, warm=True, room=6) == 6  # host memory
