@@ -126,12 +126,13 @@ def cmd_curves(args: argparse.Namespace) -> None:
     cfg = config.load(args.config)
     if args.study not in cfg.studies:
         raise ConfigError(f"no study {args.study!r} in {args.config}", "--study")
+    old = _read_table(args.extend, "--extend") if args.extend else None
     loaded = [status.load(args.study, _storage(url, cfg)) for url in args.storage or [None]]
     if args.top_params:
         curves.write(curves.top_params(loaded, args.top_params), args.out)
     else:
         alone = [int(n) for n in args.alone.split(",")] if args.alone else []
-        table = curves.build(loaded, cfg.storage.trials, alone, cfg.studies[args.study])
+        table = curves.build(loaded, cfg.storage.trials, alone, cfg.studies[args.study], old)
         curves.write(table, args.out)
         print(f"{len(table['runs'])} runs -> {args.out}")
 
@@ -141,22 +142,18 @@ def _curves_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", action="append", help="Optuna storage URL (repeatable)")
     p.add_argument("--alone", help="trial numbers (first storage) that ran alone: the cost model")
     p.add_argument("--top-params", type=int, help="write the K best trials' params instead")
+    p.add_argument("--extend", type=Path, help="a table written before: add these runs to it")
     p.add_argument("--out", type=Path, required=True, help="FILE.json or FILE.json.xz")
 
 
 def cmd_replay(args: argparse.Namespace) -> None:
-    from sweep import curves, replay
+    from sweep import replay
 
     if args.seeds <= 0 or args.budget <= 0:
         raise ConfigError(
             "--seeds and --budget must be > 0", "--seeds" if args.seeds <= 0 else "--budget"
         )
-    if not args.table.is_file():
-        raise ConfigError(f"no such file: {args.table}", "--table")
-    try:
-        table = curves.read(args.table)
-    except (OSError, ValueError, EOFError) as err:
-        raise ConfigError(f"not a learning-curve table: {err}", "--table") from None
+    table = _read_table(args.table, "--table")
     cfg = config.load(args.config)
     live = _live_study(args.live, args.study or table["study"]) if args.live else None
     names = args.strategies.split(",") if args.strategies else None
@@ -166,6 +163,18 @@ def cmd_replay(args: argparse.Namespace) -> None:
     if args.plot:
         replay.plot(result, args.plot)
     print(json.dumps(result, indent=1) if args.json else replay.show(result))
+
+
+def _read_table(path: Path, flag: str) -> dict:
+    """A learning-curve table, or one clear line about the file."""
+    from sweep import curves
+
+    if not path.is_file():
+        raise ConfigError(f"no such file: {path}", flag)
+    try:
+        return curves.read(path)
+    except (OSError, ValueError, EOFError) as err:
+        raise ConfigError(f"not a learning-curve table: {err}", flag) from None
 
 
 def _live_study(url: str, name: str) -> tuple:

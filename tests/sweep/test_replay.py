@@ -142,6 +142,8 @@ def test_a_live_study_is_costed_like_the_table_and_set_against_the_band(tmp_path
         (["--table", str(SHIPPED), "--live", "sqlite:///README.md"], "not an Optuna storage"),
         (["--table", "missing.json.xz"], "no such file"),
         (["--table", "README.md"], "not a learning-curve table"),
+        (["--table", "docs/curves/sst2-smollm2-anytime.png"], "not a learning-curve table"),
+        (["--table", "sweep.toml"], "not a learning-curve table"),
         (["--table", str(SHIPPED), "--seeds", "0"], "must be > 0"),
         (["--table", str(SHIPPED), "--study", "nope"], "no study 'nope'"),
     ],

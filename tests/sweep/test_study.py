@@ -67,6 +67,12 @@ def test_two_trial_sweep_then_resume(tmp_path, tiny_model, shared_data):
     assert len(data["runs"]) == 3 and data["train"]["max_steps"] == 4
     assert data["cost"]["tokens_per_s"] > 0 and data["cost"]["from_trials"] == [0]
     assert [len(r["tokens"]) for r in data["runs"]] == [4, 4, 4]
+    # extended with the same storage: every run is there already (sweep curves --extend)
+    extended = tmp_path / "curves2.json"
+    made = run_cli("curves", "--study", "tiny", "--config", str(cfg), "--extend", str(table),
+                   "--out", str(extended))  # fmt: skip
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert json.loads(extended.read_text())["runs"] == data["runs"]
 
 
 def test_pruned_trial_stops_early(tmp_path, tiny_model, shared_data):
