@@ -113,10 +113,12 @@ class Job:
             self.stats.setdefault("batch_sizes", [])
             before = torch.cuda.memory_reserved() if measure else 0
             runner = Runner(model, rows, self.max_new, self.pad, self.eos) if fast else None
+            planned_for = None  # the cache length the measured plan was made for
             while self.left():
-                if runner and self.scale is not None and runner.length != self.next_length():
+                if runner and self.scale is not None and planned_for != self.next_length():
                     rows = fitting_batch(model, self, batch_size, limit_bytes, before)
-                    runner.rows = self.stats["batch_size"] = rows
+                    runner.rows = self.stats["batch_size"] = rows  # a new size: a new cache
+                    planned_for = self.next_length()
                 chunk = self.order[self.done : self.done + rows]
                 prompts = [self.prompts[i] for i in chunk]
                 if rows not in self.stats["batch_sizes"]:
@@ -132,11 +134,9 @@ class Job:
                 for i, ids in zip(chunk, tokens, strict=True):
                     self.out[i] = ids
                 self.done += len(chunk)
-                if need and self.left():  # the first batch's cost, cache and graph included
+                if need:  # the first batch's cost, cache and graph included
                     used = torch.cuda.max_memory_reserved() - before
                     self.scale = used / (rows * need)
-                    rows = fitting_batch(model, self, batch_size, limit_bytes, before)
-                    runner.rows = self.stats["batch_size"] = rows  # a new size: a new cache
             self.stats["graphs"] = bool(runner and runner.graphed)
             self.stats["row_scale"] = self.scale
 

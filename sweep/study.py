@@ -195,11 +195,11 @@ def launch_trials(cfg, study_cfg, study, companion, tracker, placement, workers,
         launched += 1
 
 
-def spare_room(per_spare_gib: float = SPARE_GIB) -> int:
+def spare_room() -> int:
     """How many spare processes half of the host's available memory holds."""
     import psutil
 
-    return int(psutil.virtual_memory().available / 1024**3 / 2 / per_spare_gib)
+    return int(psutil.virtual_memory().available / 1024**3 / 2 / SPARE_GIB)
 
 
 def spares_ahead(left: int, limit: int, open_slots: int, warm: bool, room: int = 64) -> int:
