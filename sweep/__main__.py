@@ -157,7 +157,8 @@ def cmd_replay(args: argparse.Namespace) -> None:
     cfg = config.load(args.config)
     live = _live_study(args.live, args.study or table["study"]) if args.live else None
     names = args.strategies.split(",") if args.strategies else None
-    result = replay.replay(table, cfg, args.study, args.seeds, args.budget, names)
+    result = replay.replay(table, cfg, args.study, args.seeds, args.budget, names,
+                           args.seed_noise)  # fmt: skip
     if live:
         result["live"] = replay.live(replay.Table(table), *live, result)
     if args.plot:
@@ -214,6 +215,8 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
     p.add_argument("--plot", type=Path, help="anytime curves as a PNG")
     p.add_argument("--live", metavar="STORAGE", help="a real study's storage to set against it")
+    p.add_argument("--seed-noise", action="store_true",
+                   help="trials see the metric with the table's seed noise added")  # fmt: skip
 
 
 def cmd_report(args: argparse.Namespace) -> None:

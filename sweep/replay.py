@@ -16,11 +16,21 @@ the card). Each seed runs until its spent cost reaches `--budget` full trials.
 Strategies: the study's own (default: the table's space with [defaults]' sampler and pruner,
 marked `default`), random search without pruning, and the alternatives in `alternatives`.
 
+`--seed-noise`: a finished trial's metric as a real sweep sees it, its configuration's recorded
+value plus seed noise drawn (per replay seed) from a normal distribution with the table's noise
+floor (the sd over train seeds of the configurations it has several seeds of). The sampler and
+the anytime curves see that value; "within 0.5 points" and the final gap count the recorded
+value of the configuration the strategy would hand over (its best seen). A table holds one
+seed per configuration, so without it no replayed best can pass the table's best, while a live
+study's best carries its trials' seed noise (docs/pruning.md: the live run ended 0.9 points
+above the one-seed band).
+
 `--live STORAGE`: a real study of the table's study name (run with the replayed strategy) in
 that storage, costed the same way from what its trials recorded (training tokens, validations,
-finished or pruned), in trial-number order: its best-so-far when it had spent the budget,
-against the default strategy's interquartile band there. Packed trials share a card, so their
-wall time is not what one costs; the cost model is (as it is for the table).
+finished or pruned), in trial-number order: its best-so-far when it had spent the budget
+(or all it spent, if less), against the default strategy's interquartile band there. Packed
+trials share a card, so their wall time is not what one costs; the cost model is (as it is for
+the table).
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import random
 import statistics
 import warnings
 from pathlib import Path
@@ -181,8 +192,10 @@ class Table:
 
 
 def replay_one(table: Table, study_cfg: Study, strategy: Strategy, seed: int, budget_s: float,
-               direction: str) -> dict:  # fmt: skip
-    """One seed of one strategy: the trials it ran and its anytime curve [(seconds, best)]."""
+               direction: str, noise_sd: float = 0.0) -> dict:  # fmt: skip
+    """One seed of one strategy: the trials it ran, its anytime curve [(seconds, recorded
+    value of the best seen)] and what it saw [(seconds, best seen)]; `noise_sd` (metric units)
+    adds seed noise to what it sees."""
     sampler_spec = strategy.sampler
     if "seed" in sampler_spec.kwargs or sampler_spec.name in ("RandomSampler", "TPESampler"):
         sampler_spec = dataclasses.replace(
@@ -197,8 +210,9 @@ def replay_one(table: Table, study_cfg: Study, strategy: Strategy, seed: int, bu
         pruner=checks.make_pruner(strategy.pruner),
     )
     sign = 1 if direction == "maximize" else -1
-    spent, used, unpruned, best = 0.0, 0, 0, None
-    curve = [(0.0, None)]
+    noise = random.Random(seed)  # the same draws for every strategy of this seed
+    spent, used, unpruned, best, seen_best = 0.0, 0, 0, None, None
+    curve, seen = [(0.0, None)], [(0.0, None)]
     while spent < budget_s:
         trial = study.ask()
         run = table.snap(space.suggest(trial, study_cfg))
@@ -212,14 +226,16 @@ def replay_one(table: Table, study_cfg: Study, strategy: Strategy, seed: int, bu
         seconds, tokens = table.cost(run, stopped_at)
         spent, used, unpruned = spent + seconds, used + tokens, unpruned + run["tokens"][-1]
         if stopped_at is None:
-            study.tell(trial, [run["final"], run["peak_gib"]])
+            value = run["final"] + (noise.gauss(0.0, noise_sd) if noise_sd else 0.0)
+            study.tell(trial, [value, run["peak_gib"]])
             companion.tell(mirror, run["val"][-1][1] if run["val"] else 0.0)
-            if best is None or sign * run["final"] > sign * best:
-                best = run["final"]
+            if seen_best is None or sign * value > sign * seen_best:
+                seen_best, best = value, run["final"]
         else:
             study.tell(trial, state=TrialState.PRUNED)
             companion.tell(mirror, state=TrialState.PRUNED)
         curve.append((spent, best))
+        seen.append((spent, seen_best))
     return {
         "trials": len(study.trials),
         "pruned": sum(t.state == TrialState.PRUNED for t in study.trials),
@@ -227,6 +243,7 @@ def replay_one(table: Table, study_cfg: Study, strategy: Strategy, seed: int, bu
         "tokens_saved": 1 - used / unpruned if unpruned else 0.0,
         "final_gap_points": None if best is None else sign * (table.best - best) * table.points,
         "curve": curve,
+        "seen": seen,
     }
 
 
@@ -260,7 +277,7 @@ def summarize(table: Table, strategy: Strategy, seeds: list[dict], budget_s: flo
     grid = [budget_s * k / (GRID - 1) for k in range(GRID)]
     anytime = []
     for at in grid:
-        values = [best_at(s["curve"], at) for s in seeds]
+        values = [best_at(s["seen"], at) for s in seeds]
         values = sorted(table.points * v for v in values if v is not None)
         anytime.append(
             {
@@ -302,9 +319,15 @@ def replay(
     seeds: int,
     budget_trials: float,
     strategies: list[str] | None = None,
+    seed_noise: bool = False,
 ) -> dict:
-    """Every strategy over `seeds` seeds; the JSON object `--json` prints."""
+    """Every strategy over `seeds` seeds; the JSON object `--json` prints. `seed_noise`: see
+    the module's doc (the table's noise floor; a table without seed repeats has none)."""
     table = Table(table_data)
+    floor = table.noise_floor()
+    if seed_noise and floor is None:
+        raise ConfigError("the table has no configuration run with several seeds", "--seed-noise")
+    noise_sd = floor["sd_points"] / table.points if seed_noise else 0.0
     study_cfg, default = study_for(table_data, cfg, study_name)
     train = table_data["train"]
     chosen = [default] + [
@@ -324,7 +347,7 @@ def replay(
                 table,
                 s,
                 [
-                    replay_one(table, study_cfg, s, seed, budget_s, direction)
+                    replay_one(table, study_cfg, s, seed, budget_s, direction, noise_sd)
                     for seed in range(seeds)
                 ],
                 budget_s,
@@ -342,7 +365,9 @@ def replay(
         "budget_seconds": budget_s,
         "full_trial_seconds": table.full_trial_s,
         "seeds": seeds,
-        "noise_floor": table.noise_floor(),
+        "noise_floor": floor,
+        # sd (points) of the seed noise added to what the strategies saw (0: none)
+        "seed_noise_points": noise_sd * table.points,
         "runs_within_0_5": table.share_within(WITHIN),
         "strategies": results,
     }
@@ -366,7 +391,10 @@ def live(table: Table, study: optuna.Study, companion: optuna.Study | None, resu
         curve.append((spent, best))
     budget_s = result["budget_seconds"]
     default = next(s for s in result["strategies"] if s["default"])
-    band = default["anytime"][-1]["quartiles"]  # the grid's last point is the budget
+    # the band where the live study stopped spending, if before the budget (the grid's last
+    # point is the budget): a study cut short is set against replays cut as short
+    point = [p for p in default["anytime"] if p["seconds"] <= min(spent, budget_s) + 1e-9][-1]
+    band = point["quartiles"]
     at_budget = best_at(curve, budget_s)
     points = None if at_budget is None else at_budget * table.points
     return {
@@ -376,7 +404,8 @@ def live(table: Table, study: optuna.Study, companion: optuna.Study | None, resu
         "spent_s": spent,
         "budget_reached": spent >= budget_s,
         "best_at_budget_points": points,
-        "default_band_at_budget": band,
+        "default_band": band,
+        "band_at_s": point["seconds"],
         "inside_band": bool(band and points is not None and band[0] <= points <= band[2]),
         "curve": curve,
     }
@@ -406,6 +435,11 @@ def show(result: dict) -> str:
         f"table best {result['table_best'] * result['points_scale']:.2f} points over "
         f"{result['table_runs']} configurations; budget {result['budget_trials']:g} full trials "
         f"({result['budget_seconds']:.0f} s); {result['seeds']} seeds"
+        + (
+            f"; seed noise sd {result['seed_noise_points']:.2f} points in what trials see"
+            if result.get("seed_noise_points")
+            else ""
+        )  # fmt: skip
     ]
     if result["noise_floor"]:
         nf = result["noise_floor"]
@@ -433,7 +467,7 @@ def show(result: dict) -> str:
             shown = "-" if q is None else f"{q[1]:.2f} [{q[0]:.2f}, {q[2]:.2f}]"
             lines.append(f"    {point['seconds']:8.0f} s  {shown}")
     if result.get("live"):
-        lv, band = result["live"], result["live"]["default_band_at_budget"]
+        lv, band = result["live"], result["live"]["default_band"]
         best = lv["best_at_budget_points"]
         shown_band = "-" if not band else f"[{band[0]:.2f}, {band[2]:.2f}]"
         lines.append(
@@ -441,7 +475,7 @@ def show(result: dict) -> str:
             f"{lv['spent_s']:.0f} s spent by the cost model"
             + ("" if lv["budget_reached"] else " (less than the budget: the curve ends early)")
             + f"; best at the budget {'-' if best is None else f'{best:.2f}'} points; the "
-            f"default strategy's band there {shown_band}"
+            f"default strategy's band at {lv['band_at_s']:.0f} s {shown_band}"
             f": {'inside' if lv['inside_band'] else 'outside'}"
         )
     return "\n".join(lines)
