@@ -161,14 +161,23 @@ class Placement:
             return gpu
         return None
 
-    def open_slots(self, gpu: int | None) -> int:
-        """How many more trials may run at once next to the running ones on `gpu` (its share
-        of the count limit; memory, not known yet for a new model, decides when they start)."""
+    def open_slots(self, gpu: int | None, key: tuple[str, str] | None = None) -> int:
+        """How many more trials may run at once next to the running ones on `gpu`: its share
+        of the count limit, and, once a peak of `key`'s model is known (packing by memory),
+        no more than that many of them fit in the card's free memory."""
         with self.lock:
             if not self.gpus or gpu is None:
                 return max(0, self.limit - len(self.running))
             share = max(1, self.limit // len(self.gpus))
-            return max(0, share - sum(s.gpu == gpu for s in self.running))
+            count = max(0, share - sum(s.gpu == gpu for s in self.running))
+            if key not in self.learned or self.per_gpu is not None:
+                return count
+            held = sum(s.estimate_gib for s in self.running if s.gpu == gpu)
+            return min(count, max(0, int((self.room[gpu] - held) // self.estimate(key))))
+
+    def slot_env(self, gpu: int | None) -> dict[str, str]:
+        """The environment a trial on `gpu` gets (spares are kept per environment)."""
+        return Slot(gpu, 0.0, ("", ""), self.threads, self.extra_env).env()
 
     def observe(self, slot: Slot, peak_gib: float) -> None:
         """A running trial reports its peak so far: expect that (x margin) of it and of the

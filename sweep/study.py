@@ -160,6 +160,11 @@ def launch_trials(cfg, study_cfg, study, companion, tracker, placement, workers,
                   timeout_s: float | None) -> None:  # fmt: skip
     """Start up to `total` trials, each when placement has a slot for it."""
     started, launched = time.monotonic(), 0
+    warm = study_cfg.worker_trials > 1
+
+    def tend(key: tuple[str, str]) -> None:
+        trim_spares(placement, total - launched, warm, key)
+
     while launched < total:
         while placement.full() and not trial_process.INTERRUPT.is_set():
             placement.wait(0.2)
@@ -177,7 +182,7 @@ def launch_trials(cfg, study_cfg, study, companion, tracker, placement, workers,
             continue
         trial = ask(study)
         params = suggest(trial, study_cfg)
-        slot = wait_for_slot(placement, trial, params)
+        slot = wait_for_slot(placement, trial, params, tend)
         if slot is None:  # interrupted while waiting: never started
             study.tell(trial, state=TrialState.FAIL)
             return
@@ -186,8 +191,8 @@ def launch_trials(cfg, study_cfg, study, companion, tracker, placement, workers,
         spares = spares_ahead(
             total - launched - 1,
             placement.limit,
-            placement.open_slots(slot.gpu),
-            study_cfg.worker_trials > 1,
+            placement.open_slots(slot.gpu, slot.key),
+            warm,
             spare_room(),
         )
         workers.start(run_and_report, cfg, study_cfg, trial, params, companion, tracker,
@@ -215,9 +220,23 @@ def spares_ahead(left: int, limit: int, open_slots: int, warm: bool, room: int =
     return max(0, min(left, max(steady, min(open_slots, room))))
 
 
-def wait_for_slot(placement: Placement, trial: optuna.Trial, params: dict):
+def trim_spares(placement: Placement, left: int, warm: bool, key: tuple[str, str],
+                pool: trial_process.Pool | None = None) -> int:  # fmt: skip
+    """While the next trial (of `key`) waits for memory: spares the cards cannot use end (a
+    model whose known peak lets fewer trials in than the count limit, e.g. 7B on a 24 GiB
+    card), not to hold host memory and import CPU for the whole sweep. How many ended."""
+    pool = pool or trial_process.POOL
+    ended = 0
+    for gpu in placement.gpus or []:
+        keep = spares_ahead(left, placement.limit, placement.open_slots(gpu, key), warm)
+        ended += pool.trim(placement.slot_env(gpu), keep)
+    return ended
+
+
+def wait_for_slot(placement: Placement, trial: optuna.Trial, params: dict,
+                  tend=lambda key: None):  # fmt: skip
     """Wait for room for this trial (beating its heartbeat, so no other sweep takes it for
-    dead); None if the sweep is interrupted first."""
+    dead, and calling `tend` with its key); None if the sweep is interrupted first."""
     key = (params["model"], params.get("method", "qlora"))
     beat = Heartbeat(trial.storage, [trial._trial_id])
     while not trial_process.INTERRUPT.is_set():
@@ -225,6 +244,7 @@ def wait_for_slot(placement: Placement, trial: optuna.Trial, params: dict):
         if slot is not None:
             return slot
         beat()
+        tend(key)
         placement.wait(0.2)
     return None
 

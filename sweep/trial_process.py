@@ -222,6 +222,17 @@ class Pool:
         for _ in range(missing):
             self.requests.put((None, env, trials, None, None))
 
+    def trim(self, env: dict[str, str], keep: int) -> int:
+        """End spares of `env` beyond `keep` (the newest first: the least far in their
+        imports); how many ended. A spare holds no trial, so it is simply stopped."""
+        with self.lock:
+            spares = self.waiting.get(_key(env), [])
+            extra = spares[keep:] if len(spares) > keep else []
+            del spares[len(spares) - len(extra) :]
+        for worker in extra:  # stop() waits for the process: not on the caller's thread
+            threading.Thread(target=stop, args=(worker.proc,), daemon=True).start()
+        return len(extra)
+
     def ready(self, env: dict[str, str], timeout_s: float = 600) -> Worker:
         """Wait until a spare for `env` exists and has imported everything (benchmarks)."""
         key, deadline = _key(env), time.monotonic() + timeout_s

@@ -67,6 +67,20 @@ def test_open_slots_count_what_may_still_start_per_card(h200):
     assert cpu.open_slots(None) == 2
 
 
+def test_open_slots_follow_a_known_peak(monkeypatch):
+    """Once a model's peak is known, open slots count what fits in the card's memory too: a
+    7B trial on a 24 GiB card leaves room for no second one, whatever the core count."""
+    monkeypatch.setattr(placement, "card_memory", lambda index: (24.0, 0.5))
+    p = Placement([0], None, 1, budget_gib=24.0, learned={}, cores=16)
+    key = ("qwen2.5-7b", "qlora")
+    (first,) = _fill(p, key)  # nothing known: the idle card takes one
+    assert p.open_slots(0, key) == 15  # by count (memory unknown)
+    p.observe(first, 14.0)
+    assert p.open_slots(0, key) == 0 and p.open_slots(0) == 15
+    p.give(first, 14.0, False)
+    assert p.open_slots(0, key) == 1  # 23.5 GiB hold one trial of 17.5
+
+
 def test_auto_spreads_over_gpus_and_caps_at_cores(h200):
     p = Placement([0, 1], None, 1, budget_gib=24.0, learned={("m", "qlora"): 1.0}, cores=8)
     slots = _fill(p, ("m", "qlora"))

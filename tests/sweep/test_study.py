@@ -282,3 +282,28 @@ def test_spares_cover_the_first_wave_then_one_beside_warm_workers():
     assert spares_ahead(left=0, limit=1, open_slots=0, warm=False) == 0
     assert spares_ahead(left=5, limit=1, open_slots=0, warm=False) == 1  # one at a time
     assert spares_ahead(left=31, limit=16, open_slots=11, warm=True, room=6) == 6  # host memory
+
+
+def test_spares_a_known_peak_leaves_no_room_for_end(monkeypatch):
+    """A 7B study packed on a 24 GiB card: the first launch starts a spare per core, but once
+    the first trial's peak is known only one trial fits, so all spares but one end."""
+    from sweep import placement as placement_mod
+    from sweep import trial_process
+    from sweep.study import trim_spares
+
+    monkeypatch.setattr(placement_mod, "card_memory", lambda index: (24.0, 0.5))
+    p = placement_mod.Placement([0], None, 1, budget_gib=24.0, learned={}, cores=16)
+    key = ("qwen2.5-7b", "qlora")
+    running = p.take(key)
+    pool, env = trial_process.Pool(), p.slot_env(0)
+    procs = [subprocess.Popen(["sleep", "60"], start_new_session=True) for _ in range(6)]
+    for proc in procs:
+        worker = trial_process.Worker.__new__(trial_process.Worker)
+        worker.proc, worker.env, worker.left, worker.key = proc, tuple(sorted(env.items())), 1, None
+        pool.waiting.setdefault(worker.env, []).append(worker)
+    assert trim_spares(p, left=10, warm=True, key=key, pool=pool) == 0  # peak unknown: kept
+    p.observe(running, 14.0)
+    assert trim_spares(p, left=10, warm=True, key=key, pool=pool) == 5  # one stays
+    assert all(proc.wait(timeout=30) is not None for proc in procs[1:])
+    procs[0].kill()
+    procs[0].wait()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
 import threading
 import time
 
@@ -86,6 +87,24 @@ def test_taking_a_warm_worker_keeps_the_others_of_its_base_and_ends_other_bases(
     assert pool.take(env, "a") is None  # no spare either
     third = _idle_worker(pool, env, "a")
     assert pool.take(env, "b") is None and third.proc.closed  # another base: it ends
+
+
+def test_trim_ends_the_newest_spares_beyond_what_is_kept():
+    pool, env = Pool(), {"OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(["sleep", "60"], start_new_session=True) for _ in range(3)]
+    spares = []
+    for proc in procs:
+        worker = trial_process.Worker.__new__(trial_process.Worker)
+        worker.proc, worker.env, worker.left, worker.key = proc, tuple(env.items()), 1, None
+        pool.waiting.setdefault(worker.env, []).append(worker)
+        spares.append(worker)
+    assert pool.trim(env, 1) == 2
+    assert pool.waiting[tuple(env.items())] == spares[:1]  # the oldest stays
+    assert all(p.wait(timeout=30) is not None for p in procs[1:])  # ended
+    assert procs[0].poll() is None
+    assert pool.trim(env, 1) == 0 and pool.trim({"OMP_NUM_THREADS": "2"}, 0) == 0
+    procs[0].kill()
+    procs[0].wait()
 
 
 @pytest.fixture
