@@ -149,16 +149,16 @@ def _curves_args(p: argparse.ArgumentParser) -> None:
 def cmd_replay(args: argparse.Namespace) -> None:
     from sweep import replay
 
-    if args.seeds <= 0 or args.budget <= 0:
-        raise ConfigError(
-            "--seeds and --budget must be > 0", "--seeds" if args.seeds <= 0 else "--budget"
-        )
+    for flag, value in (("--seeds", args.seeds), ("--budget", args.budget),
+                        ("--parallel", args.parallel)):  # fmt: skip
+        if value <= 0:
+            raise ConfigError(f"{flag} must be > 0", flag)
     table = _read_table(args.table, "--table")
     cfg = config.load(args.config)
     live = _live_study(args.live, args.study or table["study"]) if args.live else None
     names = args.strategies.split(",") if args.strategies else None
     result = replay.replay(table, cfg, args.study, args.seeds, args.budget, names,
-                           args.seed_noise)  # fmt: skip
+                           args.seed_noise, args.parallel)  # fmt: skip
     if live:
         result["live"] = replay.live(replay.Table(table), *live, result)
     if args.plot:
@@ -217,6 +217,8 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--live", metavar="STORAGE", help="a real study's storage to set against it")
     p.add_argument("--seed-noise", action="store_true",
                    help="trials see the metric with the table's seed noise added")  # fmt: skip
+    p.add_argument("--parallel", type=int, default=1,
+                   help="trials in flight at once, as a packed sweep runs them (1)")  # fmt: skip
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -25,6 +25,9 @@ seed per configuration, so without it no replayed best can pass the table's best
 study's best carries its trials' seed noise (docs/pruning.md: the live run ended 0.9 points
 above the one-seed band).
 
+`--parallel N`: N trials in flight at once, as a packed sweep runs them (the sampler asks
+before the neighbours' results are in; the pruner compares with the trials finished so far).
+
 `--live STORAGE`: a real study of the table's study name (run with the replayed strategy) in
 that storage, costed the same way from what its trials recorded (training tokens, validations,
 finished or pruned), in trial-number order: its best-so-far when it had spent the budget
@@ -36,6 +39,8 @@ the table).
 from __future__ import annotations
 
 import dataclasses
+import heapq
+import itertools
 import json
 import math
 import random
@@ -192,10 +197,13 @@ class Table:
 
 
 def replay_one(table: Table, study_cfg: Study, strategy: Strategy, seed: int, budget_s: float,
-               direction: str, noise_sd: float = 0.0) -> dict:  # fmt: skip
+               direction: str, noise_sd: float = 0.0, parallel: int = 1) -> dict:  # fmt: skip
     """One seed of one strategy: the trials it ran, its anytime curve [(seconds, recorded
     value of the best seen)] and what it saw [(seconds, best seen)]; `noise_sd` (metric units)
-    adds seed noise to what it sees."""
+    adds seed noise to what it sees. `parallel`: trials in flight at once, as a packed sweep
+    runs them: each of that many lanes runs one trial after another on the cost model's
+    clock, validations and ends are told in the order of that clock, and a new trial is asked
+    when a lane frees (1: one trial after another)."""
     sampler_spec = strategy.sampler
     if "seed" in sampler_spec.kwargs or sampler_spec.name in ("RandomSampler", "TPESampler"):
         sampler_spec = dataclasses.replace(
@@ -213,16 +221,34 @@ def replay_one(table: Table, study_cfg: Study, strategy: Strategy, seed: int, bu
     noise = random.Random(seed)  # the same draws for every strategy of this seed
     spent, used, unpruned, best, seen_best = 0.0, 0, 0, None, None
     curve, seen = [(0.0, None)], [(0.0, None)]
-    while spent < budget_s:
+    events: list = []  # (clock seconds, order, trial in flight): its next validation or end
+    order = itertools.count()
+
+    def schedule(flight: dict) -> None:
+        run, k = flight["run"], flight["next"]
+        stop = run["val"][k][0] if k < len(run["val"]) else None
+        at = flight["began"] + table.cost(run, stop)[0]
+        heapq.heappush(events, (at, next(order), flight))
+
+    def begin(at: float) -> None:
         trial = study.ask()
         run = table.snap(space.suggest(trial, study_cfg))
-        mirror = companion.ask()
+        schedule({"trial": trial, "run": run, "mirror": companion.ask(), "began": at, "next": 0})
+
+    for _ in range(max(1, parallel)):
+        begin(0.0)
+    while events:
+        at, _, flight = heapq.heappop(events)
+        trial, run, mirror, k = flight["trial"], flight["run"], flight["mirror"], flight["next"]
         stopped_at = None
-        for step, loss, _ in run["val"]:
+        if k < len(run["val"]):
+            step, loss, _ = run["val"][k]
             mirror.report(loss, step)
-            if mirror.should_prune():
-                stopped_at = step
-                break
+            if not mirror.should_prune():
+                flight["next"] = k + 1
+                schedule(flight)
+                continue
+            stopped_at = step
         seconds, tokens = table.cost(run, stopped_at)
         spent, used, unpruned = spent + seconds, used + tokens, unpruned + run["tokens"][-1]
         if stopped_at is None:
@@ -236,8 +262,11 @@ def replay_one(table: Table, study_cfg: Study, strategy: Strategy, seed: int, bu
             companion.tell(mirror, state=TrialState.PRUNED)
         curve.append((spent, best))
         seen.append((spent, seen_best))
+        if spent >= budget_s:  # trials still in flight are cut at the budget, not counted
+            break
+        begin(at)  # the lane takes the next trial
     return {
-        "trials": len(study.trials),
+        "trials": sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials),
         "pruned": sum(t.state == TrialState.PRUNED for t in study.trials),
         "spent_s": spent,
         "tokens_saved": 1 - used / unpruned if unpruned else 0.0,
@@ -320,6 +349,7 @@ def replay(
     budget_trials: float,
     strategies: list[str] | None = None,
     seed_noise: bool = False,
+    parallel: int = 1,
 ) -> dict:
     """Every strategy over `seeds` seeds; the JSON object `--json` prints. `seed_noise`: see
     the module's doc (the table's noise floor; a table without seed repeats has none)."""
@@ -347,7 +377,7 @@ def replay(
                 table,
                 s,
                 [
-                    replay_one(table, study_cfg, s, seed, budget_s, direction, noise_sd)
+                    replay_one(table, study_cfg, s, seed, budget_s, direction, noise_sd, parallel)
                     for seed in range(seeds)
                 ],
                 budget_s,
@@ -368,6 +398,7 @@ def replay(
         "noise_floor": floor,
         # sd (points) of the seed noise added to what the strategies saw (0: none)
         "seed_noise_points": noise_sd * table.points,
+        "parallel": parallel,  # trials in flight at once
         "runs_within_0_5": table.share_within(WITHIN),
         "strategies": results,
     }
@@ -439,7 +470,8 @@ def show(result: dict) -> str:
             f"; seed noise sd {result['seed_noise_points']:.2f} points in what trials see"
             if result.get("seed_noise_points")
             else ""
-        )  # fmt: skip
+        )
+        + (f"; {result['parallel']} trials in flight" if result.get("parallel", 1) > 1 else "")
     ]
     if result["noise_floor"]:
         nf = result["noise_floor"]

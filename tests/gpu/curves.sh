@@ -78,7 +78,7 @@ for step in "$@"; do
     python3 -m sweep replay --table docs/curves/sst2-smollm2.json.xz --seeds 40 \
       --live sqlite:////tmp/curves/live.db --json > "$out/live.json"
     python3 -m sweep replay --table docs/curves/sst2-smollm2.json.xz --seeds 40 \
-      --seed-noise --live sqlite:////tmp/curves/live.db | tail -2
+      --seed-noise --parallel "${PER_GPU:-4}" --live sqlite:////tmp/curves/live.db | tail -2
     cp /tmp/curves/live.db "$out/" ;;
   table)
     storages=(--storage $main)

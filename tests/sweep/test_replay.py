@@ -63,6 +63,22 @@ def test_seed_noise_is_seen_by_the_search_but_the_recorded_value_is_what_counts(
                if p["quartiles"]) <= best + 1e-9  # fmt: skip
 
 
+def test_trials_in_flight_are_asked_before_their_neighbours_results():
+    """`--parallel 8`: eight trials start before any result is in, so the pruner (which needs
+    4 finished trials) lets more of the early ones run on, and tokens saved drop; the budget
+    still bounds what is counted (trials in flight at the budget are cut)."""
+    data = curves.read(SHIPPED)
+    table = replay.Table(data)
+    study, default = replay.study_for(data, config.load(ROOT / "sweep.toml"), None)
+    budget = 10 * table.full_trial_s
+    one, eight = (replay.replay_one(table, study, default, 0, budget, "maximize", 0.0, n)
+                  for n in (1, 8))  # fmt: skip
+    assert eight["tokens_saved"] < one["tokens_saved"]
+    for r in (one, eight):
+        assert budget <= r["spent_s"] < budget + table.full_trial_s
+        assert [c[0] for c in r["curve"]] == sorted(c[0] for c in r["curve"])
+
+
 def test_seed_noise_needs_seed_repeats_in_the_table(tmp_path):
     table = tmp_path / "one-seed.json.xz"
     curves.write(synthetic_table(n=5, extra_seeds=()), table)
@@ -182,6 +198,7 @@ def test_a_live_study_is_costed_like_the_table_and_set_against_the_band(tmp_path
         (["--table", "docs/curves/sst2-smollm2-anytime.png"], "not a learning-curve table"),
         (["--table", "sweep.toml"], "not a learning-curve table"),
         (["--table", str(SHIPPED), "--seeds", "0"], "must be > 0"),
+        (["--table", str(SHIPPED), "--parallel", "0"], "--parallel must be > 0"),
         (["--table", str(SHIPPED), "--study", "nope"], "no study 'nope'"),
     ],
 )
