@@ -154,8 +154,7 @@ class Placement:
             gpu = min(self.gpus, key=lambda g: counts[g])
             return gpu if counts[gpu] < self.per_gpu else None
         need = self.estimate(key)
-        free = {g: self.room[g] - sum(s.estimate_gib for s in self.running if s.gpu == g)
-                for g in self.gpus}  # fmt: skip
+        free = {g: self._free(g) for g in self.gpus}
         gpu = max(self.gpus, key=lambda g: (free[g], -counts[g]))
         if free[gpu] >= need or counts[gpu] == 0:  # an idle card always takes one trial
             return gpu
@@ -172,8 +171,11 @@ class Placement:
             count = max(0, share - sum(s.gpu == gpu for s in self.running))
             if key not in self.learned or self.per_gpu is not None:
                 return count
-            held = sum(s.estimate_gib for s in self.running if s.gpu == gpu)
-            return min(count, max(0, int((self.room[gpu] - held) // self.estimate(key))))
+            return min(count, max(0, int(self._free(gpu) // self.estimate(key))))
+
+    def _free(self, gpu: int) -> float:
+        """GiB of `gpu` not expected to be held by its running trials (caller holds the lock)."""
+        return self.room[gpu] - sum(s.estimate_gib for s in self.running if s.gpu == gpu)
 
     def slot_env(self, gpu: int | None) -> dict[str, str]:
         """The environment a trial on `gpu` gets (spares are kept per environment)."""

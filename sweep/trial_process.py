@@ -227,8 +227,8 @@ class Pool:
         imports); how many ended. A spare holds no trial, so it is simply stopped."""
         with self.lock:
             spares = self.waiting.get(_key(env), [])
-            extra = spares[keep:] if len(spares) > keep else []
-            del spares[len(spares) - len(extra) :]
+            extra = spares[keep:]
+            del spares[keep:]
         for worker in extra:  # stop() waits for the process: not on the caller's thread
             threading.Thread(target=stop, args=(worker.proc,), daemon=True).start()
         return len(extra)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,16 @@ eval = {{ max_examples = 16, batch_size = 16 }}
 {extra}
 """)
     return path
+
+
+def parked_worker(queue: dict, proc, env: dict[str, str], key: str | None = None):
+    """A sweep/trial_process.Worker around `proc` put in one of a Pool's lists (`waiting` for
+    spares, `idle` for warm workers), without a reader thread: tests of the pool's bookkeeping
+    need no trial process."""
+    from sweep import trial_process
+
+    worker = trial_process.Worker.__new__(trial_process.Worker)
+    worker.proc, worker.env, worker.left, worker.key = proc, tuple(sorted(env.items())), 4, key
+    worker.idle_since = time.monotonic()
+    queue.setdefault(worker.env, []).append(worker)
+    return worker

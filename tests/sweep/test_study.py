@@ -11,6 +11,7 @@ import time
 import psutil
 
 from tests.conftest import (
+    parked_worker,
     run_cli,
     start_sweep,
     study_folder,
@@ -298,9 +299,7 @@ def test_spares_a_known_peak_leaves_no_room_for_end(monkeypatch):
     pool, env = trial_process.Pool(), p.slot_env(0)
     procs = [subprocess.Popen(["sleep", "60"], start_new_session=True) for _ in range(6)]
     for proc in procs:
-        worker = trial_process.Worker.__new__(trial_process.Worker)
-        worker.proc, worker.env, worker.left, worker.key = proc, tuple(sorted(env.items())), 1, None
-        pool.waiting.setdefault(worker.env, []).append(worker)
+        parked_worker(pool.waiting, proc, env)
     assert trim_spares(p, left=10, warm=True, key=key, pool=pool) == 0  # peak unknown: kept
     p.observe(running, 14.0)
     assert trim_spares(p, left=10, warm=True, key=key, pool=pool) == 5  # one stays

@@ -13,7 +13,7 @@ import pytest
 
 from sweep import config, trial, trial_process
 from sweep.trial_process import Pool
-from tests.conftest import write_config
+from tests.conftest import parked_worker, write_config
 
 
 def test_a_spare_outlives_the_thread_that_asked_for_it():
@@ -68,11 +68,7 @@ class _Proc:
 
 
 def _idle_worker(pool: Pool, env: dict, key: str) -> trial_process.Worker:
-    worker = trial_process.Worker.__new__(trial_process.Worker)  # no reader thread: no output
-    worker.proc, worker.env, worker.left, worker.key = _Proc(), tuple(env.items()), 4, key
-    worker.idle_since = time.monotonic()
-    pool.idle.setdefault(worker.env, []).append(worker)
-    return worker
+    return parked_worker(pool.idle, _Proc(), env, key)
 
 
 def test_taking_a_warm_worker_keeps_the_others_of_its_base_and_ends_other_bases():
@@ -92,12 +88,7 @@ def test_taking_a_warm_worker_keeps_the_others_of_its_base_and_ends_other_bases(
 def test_trim_ends_the_newest_spares_beyond_what_is_kept():
     pool, env = Pool(), {"OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen(["sleep", "60"], start_new_session=True) for _ in range(3)]
-    spares = []
-    for proc in procs:
-        worker = trial_process.Worker.__new__(trial_process.Worker)
-        worker.proc, worker.env, worker.left, worker.key = proc, tuple(env.items()), 1, None
-        pool.waiting.setdefault(worker.env, []).append(worker)
-        spares.append(worker)
+    spares = [parked_worker(pool.waiting, proc, env) for proc in procs]
     assert pool.trim(env, 1) == 2
     assert pool.waiting[tuple(env.items())] == spares[:1]  # the oldest stays
     assert all(p.wait(timeout=30) is not None for p in procs[1:])  # ended
