@@ -28,6 +28,7 @@ main=sqlite:////tmp/curves/main.db
 run() { python3 -m sweep run --study sst2-curves --set "data.dir=$PWD/data/gpu-sample" \
   --set train.labelled_logits=false "$@" 2>&1 |
   grep -E "^trial [0-9]+ (complete|fail|pruned)|error|Error" | tail -n 400; }
+stored() { python3 -c "import optuna; s=optuna.load_study(study_name='sst2-curves', storage='$main'); print(len(s.trials))" 2>/dev/null || echo 0; }  # trials in $main
 mkdir -p /tmp/curves "$out"; extend=()
 for step in "$@"; do
   case $step in
@@ -49,12 +50,12 @@ for step in "$@"; do
   alone)  # the cost model: trials alone on the card
     run --storage $main --gpus 0 --n-trials 3 ;;
   packed)  # the rest, packed; stops starting trials after ${PACKED_S:-360} s
-    left=$((100 - $(python3 -c "import optuna; s=optuna.load_study(study_name='sst2-curves', storage='$main'); print(len(s.trials))" 2>/dev/null || echo 0)))
+    left=$((100 - $(stored)))
     [ "$left" -gt 0 ] && run --storage $main --gpus 0 --trials-per-gpu "${PER_GPU:-12}" \
       --n-trials "$left" --timeout "${PACKED_S:-360}" ;;
   more)  # configurations the committed table lacks, drawn with another sampler seed
     have=$(python3 -c "from sweep import curves; from pathlib import Path; print(sum(r.get('storage', 0) == 0 for r in curves.read(Path('docs/curves/sst2-smollm2.json.xz'))['runs']))")
-    done_=$(python3 -c "import optuna; s=optuna.load_study(study_name='sst2-curves', storage='$main'); print(len(s.trials))" 2>/dev/null || echo 0)
+    done_=$(stored)
     left=$((100 - have - done_)); echo "table $have, this storage $done_, to run $left"
     [ "$left" -gt 0 ] && run --storage $main --gpus 0 --trials-per-gpu "${PER_GPU:-12}" \
       --set "sampler={name=\"RandomSampler\", seed=${PART_SEED:-1}}" \
