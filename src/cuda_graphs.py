@@ -13,14 +13,22 @@ generator is set back to its state at the forward before the backward replays (a
 graph draws its random numbers from the generator's offset at replay).
 
 Shapes must repeat for graphs to pay: `speed.PaddingFree(bucket=True)` pads each batch to one
-of a few lengths. A shape first seen is captured (the first layer to see it runs twice
+of a few lengths. Graphs also pay only where the host launching a layer's kernels is slower
+than the card running them: on the H200 a 0.5B layer is (the card idled 84 % of a step), while
+a 7B step of 1024 x 8 tokens took the same time with and without graphs and the captures of
+a 100-step 7B SQuAD trial cost 8 s (docs/bench/README.md). So each new input signature is
+measured first: the first layer to see it runs it eagerly, and at its `PROBE_AT`-th sight
+(the first may set up kernels lazily) times the host's launching against the card's run of
+the same call. Only a signature where the card waited for the host (`HOST_BOUND`) is
+captured, at its next sight, by every layer (the first layer to capture it runs it twice
 eagerly on a side stream first, so lazy initialisation happens outside a capture); past
 `MAX_SHAPES` per layer, or for an input it cannot key, the layer runs the same checkpoint
 eagerly. Evaluation in eval mode without gradients (the Trainer's validation loss) replays a
-forward-only graph per shape: validation took 31 % of a 0.5B SST-2 trial's training loop with
-eager layers (py-spy, docs/bench/README.md). Anything else without gradients (generation with
-its KV cache) runs the layers as they are. Adapters only: with full fine-tuning each graph
-would hold a copy of its layer's weight gradients (src/train_qlora.py).
+forward-only graph per shape, probed the same way: validation took 31 % of a 0.5B SST-2
+trial's training loop with eager layers (py-spy, docs/bench/README.md). Anything else
+without gradients (generation with its KV cache) runs the layers as they are. Adapters only:
+with full fine-tuning each graph would hold a copy of its layer's weight gradients
+(src/train_qlora.py).
 """
 
 from __future__ import annotations
@@ -32,6 +40,11 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 MAX_SHAPES = 16  # graphs kept per layer: each shape's pair holds its static buffers
+PROBE_AT = 2  # the sight of a new signature that is timed (0: capture at first sight, untimed)
+# captured where the card's time for the probed call is at most this multiple of the host's
+# launching time: after a synchronize, a card that waits for the launches finishes right
+# after the host (ratio ~1); a card with work of its own to do takes longer
+HOST_BOUND = 1.25
 
 
 class Checkpoint(torch.autograd.Function):
@@ -226,9 +239,44 @@ class GraphSet:
         self.side_stream = torch.cuda.Stream()
         self.statics: dict = {}  # (gradients, signature) -> Statics
         self.warm: set = set()  # (gradients, signature) warmed up
+        self.worth: dict = {}  # (gradients, signature) -> whether its graphs pay (measured)
+        self.sights: dict = {}  # (gradients, signature) -> [the layer probing it, its sights]
         # what the trial's result records: graphs captured (a layer's forward+backward pair
-        # counts one), host seconds spent warming up and capturing, calls run eagerly
-        self.stats = {"training": 0, "evaluation": 0, "capture_s": 0.0, "eager_calls": 0}
+        # counts one), host seconds spent warming up and capturing, calls run eagerly, and
+        # each probe: [gradients, tokens, host ms, card ms, captured]
+        self.stats = {
+            "training": 0,
+            "evaluation": 0,
+            "capture_s": 0.0,
+            "eager_calls": 0,
+            "probes": [],
+        }
+
+    def probed(self, layer, signature: tuple, hidden: torch.Tensor, run):
+        """`run()`, timed when `layer` probes `signature` now (see the module's docstring)."""
+        if PROBE_AT == 0 or signature in self.worth:
+            return run()
+        sight = self.sights.setdefault(signature, [layer, 0])
+        if sight[0] is not layer:
+            return run()
+        sight[1] += 1
+        if sight[1] < PROBE_AT:
+            return run()
+        torch.cuda.synchronize(hidden.device)
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        began = time.perf_counter()
+        start.record()
+        out = run()
+        end.record()
+        host_s = time.perf_counter() - began
+        end.synchronize()
+        card_s = start.elapsed_time(end) / 1e3
+        worth = self.worth[signature] = card_s <= HOST_BOUND * host_s
+        tokens = hidden.numel() // hidden.shape[-1]
+        self.stats["probes"].append(
+            [signature[0], tokens, round(host_s * 1e3, 3), round(card_s * 1e3, 3), worth]
+        )
+        return out
 
 
 class GraphedLayer:
@@ -262,36 +310,49 @@ class GraphedLayer:
         if not (self.params or hidden.requires_grad):  # no gradient through it: no checkpoint
             return layer._call_impl(*args, **kwargs)
         call = _Call(layer, args, kwargs)
-        runner = self._replay(call)
-        if runner is None:
-            if self.shared is not None:
-                self.shared.stats["eager_calls"] += 1
-            runner = Eager(call.run, self.params, call.autocast)
-        return Checkpoint.apply(runner, hidden, *self.params)
+        key = self._key(call)
+        graphs = self._graph(call, key, self.graphs, gradients=True)
+        if graphs is not None:
+            return Checkpoint.apply(Replay(graphs, call.sources), hidden, *self.params)
+        runner = Eager(call.run, self.params, call.autocast)
+        return self._eager(
+            key, True, hidden, lambda: Checkpoint.apply(runner, hidden, *self.params)
+        )
 
     def _evaluate(self, args, kwargs):
-        """A forward-only graph where the call can be keyed, else the layer as it is."""
+        """A forward-only graph where the call can be keyed and pays, else the layer as it is."""
         call = _Call(self.layer, args, kwargs)
-        graph = self._graph(call, self.forward_graphs, gradients=False)
+        key = self._key(call)
+        graph = self._graph(call, key, self.forward_graphs, gradients=False)
         if graph is None:
-            self.shared.stats["eager_calls"] += 1
-            return self.layer._call_impl(*args, **kwargs)
+            return self._eager(
+                key, False, call.hidden, lambda: self.layer._call_impl(*args, **kwargs)
+            )
         return graph(call.sources, call.hidden)
 
-    def _replay(self, call: _Call) -> Replay | None:
-        graphs = self._graph(call, self.graphs, gradients=True)
-        return None if graphs is None else Replay(graphs, call.sources)
+    def _eager(self, key, gradients: bool, hidden: torch.Tensor, run):
+        """`run()` eagerly (counted), probed while its signature's worth is not known."""
+        if self.shared is None:
+            return run()
+        self.shared.stats["eager_calls"] += 1
+        if key is None:
+            return run()
+        return self.shared.probed(self, (gradients, *key[1:]), hidden, run)
 
-    def _graph(self, call: _Call, table: dict, gradients: bool):
+    def _graph(self, call: _Call, key, table: dict, gradients: bool):
         """The call's `Graphs` (training) or `ForwardGraph` from `table`, captured now for a
-        new signature; None where the call cannot be keyed or `MAX_SHAPES` are held."""
-        key = self._key(call)
+        new signature measured to pay; None where the call cannot be keyed, its signature is
+        not measured yet or does not pay, or `MAX_SHAPES` are held."""
         if key is None:
             return None
         found = table.get(key)
-        if found is None and len(table) < MAX_SHAPES:
-            shared = self.shared
-            buffers = (gradients, *key[1:])  # the dropout switches (key[0]) change no buffer
+        buffers = (gradients, *key[1:])  # the dropout switches (key[0]) change no buffer
+        shared = self.shared
+        if (
+            found is None
+            and len(table) < MAX_SHAPES
+            and (PROBE_AT == 0 or shared.worth.get(buffers))
+        ):
             statics = shared.statics.get(buffers)
             if statics is None:
                 statics = shared.statics[buffers] = Statics(call.sources, call.hidden, gradients)

@@ -28,7 +28,7 @@ main=sqlite:////tmp/curves/main.db
 run() { python3 -m sweep run --study sst2-curves --set "data.dir=$PWD/data/gpu-sample" \
   --set train.labelled_logits=false "$@" 2>&1 |
   grep -E "^trial [0-9]+ (complete|fail|pruned)|error|Error" | tail -n 400; }
-stored() { python3 -c "import optuna; s=optuna.load_study(study_name='sst2-curves', storage='$main'); print(len(s.trials))" 2>/dev/null || echo 0; }  # trials in $main
+stored() { python3 -c "import optuna; s=optuna.load_study(study_name='sst2-curves', storage='$main'); print(sum(t.state.name == 'COMPLETE' for t in s.trials))" 2>/dev/null || echo 0; }  # finished trials in $main (a failed one is run again)
 mkdir -p /tmp/curves "$out"; extend=()
 for step in "$@"; do
   case $step in
@@ -69,17 +69,15 @@ for step in "$@"; do
         --trials-per-gpu 10 --n-trials 10 --enqueue /tmp/curves/top10.json --timeout 200 &
     done
     wait ;;
-  live)  # the default strategy ([defaults]' sampler and pruner) on the table's study, packed,
-    # then costed by the table's cost model and set against the replay's band at 30 trials
+  live)  # the default strategy ([defaults]' sampler and pruner) on the table's study, packed
+    # (LIVE_SEED: the sampler's seed, default 0); its storage comes back in OUT, where
+    # `python -m sweep replay --table docs/curves/sst2-smollm2.json.xz --seeds 40 --seed-noise
+    # --parallel 4 --live sqlite:///OUT/live.db` costs it and sets it against the replay's band
     python3 -m sweep run --study sst2-curves --set "data.dir=$PWD/data/gpu-sample" \
-      --set 'sampler={name="TPESampler", multivariate=true, seed=0}' \
+      --set "sampler={name=\"TPESampler\", multivariate=true, seed=${LIVE_SEED:-0}}" \
       --set 'pruner={name="MedianPruner", n_startup_trials=4, n_warmup_steps=0}' \
       --storage sqlite:////tmp/curves/live.db --gpus 0 --trials-per-gpu "${PER_GPU:-4}" \
       --n-trials 90 --timeout "${LIVE_S:-420}" 2>&1 | grep -cE "^trial [0-9]+ (complete|pruned)"
-    python3 -m sweep replay --table docs/curves/sst2-smollm2.json.xz --seeds 40 \
-      --live sqlite:////tmp/curves/live.db --json > "$out/live.json"
-    python3 -m sweep replay --table docs/curves/sst2-smollm2.json.xz --seeds 40 \
-      --seed-noise --parallel "${PER_GPU:-4}" --live sqlite:////tmp/curves/live.db | tail -2
     cp /tmp/curves/live.db "$out/" ;;
   table)
     storages=(--storage $main)

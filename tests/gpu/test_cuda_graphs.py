@@ -31,7 +31,13 @@ class Toy(torch.nn.Module):
         return self.drop(x) * self.w
 
 
-def test_graphed_backward_draws_the_forward_masks():
+@pytest.fixture
+def first_sight(monkeypatch):
+    """Graphs captured at a signature's first sight, unprobed: what the tests compare."""
+    monkeypatch.setattr(cuda_graphs, "PROBE_AT", 0)
+
+
+def test_graphed_backward_draws_the_forward_masks(first_sight):
     toy = Toy().train()
     assert cuda_graphs.install([toy], graphs=True) == 1
     x = torch.randn(4096, device="cuda", requires_grad=True)
@@ -47,7 +53,7 @@ def test_graphed_backward_draws_the_forward_masks():
     assert len(set(outputs)) == 3  # new masks every step
 
 
-def test_graphed_trial_path_gives_the_eager_loss_and_gradients(tmp_path):
+def test_graphed_trial_path_gives_the_eager_loss_and_gradients(tmp_path, first_sight):
     """The real 0.5B-shape trial path, layers as graphs vs eager, on one batch (no dropout:
     eager and graphs draw from different offsets): bf16 agreement."""
     folder = os.environ["SWEEP_GPU_MODEL"]
@@ -69,7 +75,7 @@ def test_graphed_trial_path_gives_the_eager_loss_and_gradients(tmp_path):
     assert check["grad_rel_err"] < 1e-2
 
 
-def test_validation_replays_forward_graphs(tmp_path):
+def test_validation_replays_forward_graphs(tmp_path, first_sight):
     """Eval mode without gradients (the Trainer's validation loss) replays one forward-only
     graph per shape: the eager loss, the same on a replay, and training graphs unchanged."""
     spec = bench.model_spec(os.environ["SWEEP_GPU_MODEL"])
@@ -93,3 +99,38 @@ def test_validation_replays_forward_graphs(tmp_path):
     eager = validation()
     assert graphed[1] == pytest.approx(graphed[0], rel=1e-6)
     assert graphed[0] == pytest.approx(eager, rel=1e-3)
+
+
+class Matmul(torch.nn.Module):
+    """x @ w: launch-bound when small, bound by the card when large."""
+
+    gradient_checkpointing = True
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(n, n, device="cuda") / n**0.5)
+
+    def forward(self, x):
+        return x @ self.w
+
+
+@pytest.mark.parametrize(("n", "tokens", "captured"), [(64, 64, True), (8192, 16384, False)])
+def test_a_signature_is_captured_only_where_the_card_waits_for_the_host(n, tokens, captured):
+    """Each new signature runs eagerly, is timed at its `PROBE_AT`-th sight and captured at
+    the next only where the card waited for the launches: a tiny matmul (the host launches
+    slower than the card multiplies) is captured, a 16k x 8k x 8k one (~4 ms of card time
+    per call against microseconds of launching) never is, in training and in evaluation."""
+    layer = Matmul(n).train()
+    cuda_graphs.install([layer], graphs=True)
+    x = torch.randn(tokens, n, device="cuda", requires_grad=True)
+    for _ in range(cuda_graphs.PROBE_AT + 2):
+        layer(x).sum().backward()
+    graphed = layer._compiled_call_impl
+    assert len(graphed.graphs) == int(captured)
+    layer.eval()
+    with torch.no_grad():
+        for _ in range(cuda_graphs.PROBE_AT + 2):
+            layer(x)
+    assert len(graphed.forward_graphs) == int(captured)
+    probes = graphed.shared.stats["probes"]
+    assert [p[0] for p in probes] == [True, False] and all(p[-1] == captured for p in probes)

@@ -14,8 +14,8 @@
 set -u
 out=${1:?OUT_DIR}/bench; shift; what=${*:-tests alpacaeval squad}; started=$SECONDS
 data="data.dir=$PWD/data/gpu-sample"; mkdir -p "$out"
-variants="--variant all-logits:labelled_logits=false --variant sdpa:packed_attention=false"
-[ "${VARIANTS:-}" = none ] && variants=""
+variants=${VARIANTS:-"--variant all-logits:labelled_logits=false --variant sdpa:packed_attention=false"}
+[ "$variants" = none ] && variants=""
 quiet() { grep -vE "SWEEP_PROGRESS|Loading|Warning|warn|^\s*$" || true; }
 for step in $what; do
   case $step in
@@ -35,7 +35,8 @@ for step in $what; do
   squad)  # the squad study's batch, sequence length and new tokens; 100 steps, 1,000 questions;
     # PROFILE=1: torch.profiler over steps 60-63 (it slows both recipes: not for the target);
     # variants: every position's logits also in validation, and masked SDPA instead of packed
-    # attention (VARIANTS=none: plain and trial alone, ~5 min instead of ~9)
+    # attention (VARIANTS=none: plain and trial alone, ~5 min instead of ~9; VARIANTS="--variant
+    # NAME:key=value ...": those instead)
     python3 -m sweep bench --whole-trial --study squad --model 7B \
       --tokenizer data/gpu-tokenizer --out "$out" --set "$data" --set train.max_steps=100 \
       --set eval.max_examples=1000 ${PROFILE:+--profile} $variants 2>&1 | quiet ;;
