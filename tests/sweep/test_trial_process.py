@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
+import sys
 import threading
 import time
 
@@ -179,3 +181,29 @@ def test_a_crashed_trial_takes_its_worker_with_it(tiny_study, tmp_path):
         assert "Traceback" in trial_process.stderr_tail(tmp_path / "crash", 200)
     finally:
         trial_process.POOL.close()
+
+
+def test_children_share_a_byte_code_cache_where_python_may_not_write_one(tmp_path, monkeypatch):
+    """PYTHONDONTWRITEBYTECODE and a package installed without byte code: children get one
+    cache folder outside the package, which the first child writes; with the package's own byte
+    code, or where Python may write it, the environment stays as it is."""
+    package = tmp_path / "site" / "pkgx"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
+    find = trial_process.bytecode_cache.__wrapped__
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
+    assert find("pkgx") == {}
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    env = find("pkgx")
+    prefix = tmp_path / "cache" / "sweep" / "pycache"
+    assert env == {"PYTHONDONTWRITEBYTECODE": "", "PYTHONPYCACHEPREFIX": str(prefix)}
+    child = {**os.environ, **env, "PYTHONPATH": str(tmp_path / "site")}
+    subprocess.run([sys.executable, "-c", "import pkgx"], env=child, check=True)
+    mirrored = prefix / str(package).lstrip("/")  # the cache mirrors the source's folders
+    assert [p.name.split(".")[0] for p in mirrored.glob("*.pyc")] == ["__init__"]
+    assert not (package / "__pycache__").exists()  # nothing written into the package
+    (package / "__pycache__").mkdir()
+    assert find("pkgx") == {}
