@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from sweep import config, whole_trial
+from sweep import config, trial_process, whole_trial
 from sweep.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,3 +79,17 @@ def test_a_variant_needs_its_own_name(spec):
     assert whole_trial.variant_sets(["eager:cuda_graphs=false,packing=true"]) == {
         "eager": ["train.cuda_graphs=false", "train.packing=true"]
     }
+
+
+def test_the_byte_code_cache_is_filled_before_the_first_recipe(tmp_path, monkeypatch):
+    """Where trial processes share a byte-code cache, the bench fills it first, so the first
+    recipe measured does not pay compiling alone; where they do not, it starts no process."""
+    prefix = tmp_path / "pycache"
+    monkeypatch.setattr(trial_process, "bytecode_cache", lambda: {})
+    whole_trial.fill_bytecode_cache("sweep.errors")
+    assert not prefix.exists()
+    cache = {"PYTHONDONTWRITEBYTECODE": "", "PYTHONPYCACHEPREFIX": str(prefix)}
+    monkeypatch.setattr(trial_process, "bytecode_cache", lambda: cache)
+    whole_trial.fill_bytecode_cache("sweep.errors")
+    source = trial_process.PROJECT_ROOT / "sweep"
+    assert list((prefix / str(source).lstrip("/")).glob("errors.*.pyc"))
