@@ -20,7 +20,10 @@ marked `default`), random search without pruning, and the alternatives in `alter
 value plus seed noise drawn (per replay seed) from a normal distribution with the table's noise
 floor (the sd over train seeds of the configurations it has several seeds of). The sampler and
 the anytime curves see that value; "within 0.5 points" and the final gap count the recorded
-value of the configuration the strategy would hand over (its best seen). A table holds one
+value of the configuration the strategy would hand over (its best seen). The validation
+losses the pruner sees get seed noise too (per step, the sd over train seeds at that step):
+without it a replayed trial that snaps to a configuration already run repeats its curve
+exactly and is pruned less than a live trial (docs/pruning.md). A table holds one
 seed per configuration, so without it no replayed best can pass the table's best, while a live
 study's best carries its trials' seed noise (docs/pruning.md: the live run ended 0.9 points
 above the one-seed band).
@@ -179,6 +182,23 @@ class Table:
         near = [r for r in self.runs if abs(self.best - r["final"]) * self.points <= points + 1e-9]
         return len(near) / len(self.runs)
 
+    def loss_noise(self) -> dict[int, float] | None:
+        """Seed noise of the validation loss: per validation step, the sd over train seeds of
+        the same configuration (pooled over the configurations with several seeds)."""
+        by_config: dict[str, list[dict]] = {}
+        for r in self.data["runs"]:
+            key = json.dumps(r["params"], sort_keys=True)
+            by_config.setdefault(key, []).append({v[0]: v[1] for v in r["val"]})
+        variances: dict[int, list[float]] = {}
+        for curves_ in (g for g in by_config.values() if len(g) > 1):
+            for step in set.intersection(*(set(c) for c in curves_)):
+                variances.setdefault(step, []).append(
+                    statistics.variance([c[step] for c in curves_])
+                )
+        if not variances:
+            return None
+        return {step: math.sqrt(statistics.mean(v)) for step, v in sorted(variances.items())}
+
     def noise_floor(self) -> dict | None:
         """Spread of the final metric over train seeds of the same configuration (points)."""
         by_config: dict[str, list[float]] = {}
@@ -197,10 +217,13 @@ class Table:
 
 
 def replay_one(table: Table, study_cfg: Study, strategy: Strategy, seed: int, budget_s: float,
-               direction: str, noise_sd: float = 0.0, parallel: int = 1) -> dict:  # fmt: skip
+               direction: str, noise_sd: float = 0.0, parallel: int = 1,
+               loss_sd: dict | None = None) -> dict:  # fmt: skip
     """One seed of one strategy: the trials it ran, its anytime curve [(seconds, recorded
     value of the best seen)] and what it saw [(seconds, best seen)]; `noise_sd` (metric units)
-    adds seed noise to what it sees. `parallel`: trials in flight at once, as a packed sweep
+    adds seed noise to what it sees, `loss_sd` ({step: sd}) to the validation losses the
+    pruner sees (independent draws per validation: the table's seed deviations at steps 10,
+    20 and 30 are nearly uncorrelated). `parallel`: trials in flight at once, as a packed sweep
     runs them: each of that many lanes runs one trial after another on the cost model's
     clock, validations and ends are told in the order of that clock, and a new trial is asked
     when a lane frees (1: one trial after another)."""
@@ -219,6 +242,7 @@ def replay_one(table: Table, study_cfg: Study, strategy: Strategy, seed: int, bu
     )
     sign = 1 if direction == "maximize" else -1
     noise = random.Random(seed)  # the same draws for every strategy of this seed
+    loss_noise = random.Random(seed + 1_000_003)  # apart: the metric's draws stay as they were
     spent, used, unpruned, best, seen_best = 0.0, 0, 0, None, None
     curve, seen = [(0.0, None)], [(0.0, None)]
     events: list = []  # (clock seconds, order, trial in flight): its next validation or end
@@ -243,6 +267,9 @@ def replay_one(table: Table, study_cfg: Study, strategy: Strategy, seed: int, bu
         stopped_at = None
         if k < len(run["val"]):
             step, loss, _ = run["val"][k]
+            if loss_sd:
+                loss += loss_noise.gauss(0.0, loss_sd.get(step, 0.0))
+            flight["loss"] = loss
             mirror.report(loss, step)
             if not mirror.should_prune():
                 flight["next"] = k + 1
@@ -254,7 +281,7 @@ def replay_one(table: Table, study_cfg: Study, strategy: Strategy, seed: int, bu
         if stopped_at is None:
             value = run["final"] + (noise.gauss(0.0, noise_sd) if noise_sd else 0.0)
             study.tell(trial, [value, run["peak_gib"]])
-            companion.tell(mirror, run["val"][-1][1] if run["val"] else 0.0)
+            companion.tell(mirror, flight.get("loss", 0.0))  # its last validation loss
             if seen_best is None or sign * value > sign * seen_best:
                 seen_best, best = value, run["final"]
         else:
@@ -358,6 +385,7 @@ def replay(
     if seed_noise and floor is None:
         raise ConfigError("the table has no configuration run with several seeds", "--seed-noise")
     noise_sd = floor["sd_points"] / table.points if seed_noise else 0.0
+    loss_sd = table.loss_noise() if seed_noise else None
     study_cfg, default = study_for(table_data, cfg, study_name)
     train = table_data["train"]
     chosen = [default] + [
@@ -377,7 +405,9 @@ def replay(
                 table,
                 s,
                 [
-                    replay_one(table, study_cfg, s, seed, budget_s, direction, noise_sd, parallel)
+                    replay_one(
+                        table, study_cfg, s, seed, budget_s, direction, noise_sd, parallel, loss_sd
+                    )
                     for seed in range(seeds)
                 ],
                 budget_s,
@@ -398,6 +428,8 @@ def replay(
         "noise_floor": floor,
         # sd (points) of the seed noise added to what the strategies saw (0: none)
         "seed_noise_points": noise_sd * table.points,
+        # sd of the seed noise added to the validation losses the pruner saw, per step
+        "seed_noise_val_loss": {str(k): v for k, v in (loss_sd or {}).items()},
         "parallel": parallel,  # trials in flight at once
         "runs_within_0_5": table.share_within(WITHIN),
         "strategies": results,

@@ -59,8 +59,33 @@ def test_seed_noise_is_seen_by_the_search_but_the_recorded_value_is_what_counts(
         "--strategies", "random-no-pruning",
     ).stdout)  # fmt: skip
     assert quiet["seed_noise_points"] == 0
+    assert float(result["seed_noise_val_loss"]["10"]) > 0 and quiet["seed_noise_val_loss"] == {}
     assert max(p["quartiles"][2] for s in quiet["strategies"] for p in s["anytime"]
                if p["quartiles"]) <= best + 1e-9  # fmt: skip
+
+
+def test_seed_noise_reaches_the_validation_losses_the_pruner_sees(monkeypatch):
+    """The table's seed repeats give each validation step's seed sd (the synthetic curves
+    carry sd 0.01); with it the pruner sees noisy losses, none of them a recorded one, where
+    without it every reported loss is one the table recorded."""
+    data = synthetic_table()
+    table = replay.Table(data)
+    sd = table.loss_noise()
+    assert list(sd) == [v[0] for v in table.runs[0]["val"]]
+    assert all(0.003 < v < 0.03 for v in sd.values())
+    recorded = {(v[0], v[1]) for r in data["runs"] for v in r["val"]}
+    reported = []
+    report = optuna.trial.Trial.report
+    monkeypatch.setattr(
+        optuna.trial.Trial, "report",
+        lambda self, value, step: reported.append((step, value)) or report(self, value, step),
+    )  # fmt: skip
+    study, default = replay.study_for(data, config.load(ROOT / "sweep.toml"), None)
+    for loss_sd, seen_recorded in ((None, True), (sd, False)):
+        reported.clear()
+        replay.replay_one(table, study, default, 0, 10 * table.full_trial_s, "maximize",
+                          loss_sd=loss_sd)  # fmt: skip
+        assert reported and all((r in recorded) == seen_recorded for r in reported)
 
 
 def test_trials_in_flight_are_asked_before_their_neighbours_results():
