@@ -182,15 +182,19 @@ class Table:
         near = [r for r in self.runs if abs(self.best - r["final"]) * self.points <= points + 1e-9]
         return len(near) / len(self.runs)
 
+    def seed_groups(self) -> list[list[dict]]:
+        """The runs of each configuration recorded with several train seeds."""
+        by_config: dict[str, list[dict]] = {}
+        for r in self.data["runs"]:
+            by_config.setdefault(json.dumps(r["params"], sort_keys=True), []).append(r)
+        return [g for g in by_config.values() if len(g) > 1]
+
     def loss_noise(self) -> dict[int, float] | None:
         """Seed noise of the validation loss: per validation step, the sd over train seeds of
         the same configuration (pooled over the configurations with several seeds)."""
-        by_config: dict[str, list[dict]] = {}
-        for r in self.data["runs"]:
-            key = json.dumps(r["params"], sort_keys=True)
-            by_config.setdefault(key, []).append({v[0]: v[1] for v in r["val"]})
         variances: dict[int, list[float]] = {}
-        for curves_ in (g for g in by_config.values() if len(g) > 1):
+        for group in self.seed_groups():
+            curves_ = [{v[0]: v[1] for v in r["val"]} for r in group]
             for step in set.intersection(*(set(c) for c in curves_)):
                 variances.setdefault(step, []).append(
                     statistics.variance([c[step] for c in curves_])
@@ -201,10 +205,7 @@ class Table:
 
     def noise_floor(self) -> dict | None:
         """Spread of the final metric over train seeds of the same configuration (points)."""
-        by_config: dict[str, list[float]] = {}
-        for r in self.data["runs"]:
-            by_config.setdefault(json.dumps(r["params"], sort_keys=True), []).append(r["final"])
-        groups = [v for v in by_config.values() if len(v) > 1]
+        groups = [[r["final"] for r in group] for group in self.seed_groups()]
         if not groups:
             return None
         pooled = statistics.mean(statistics.variance(v) for v in groups)
