@@ -6,8 +6,12 @@ thousands of small kernels (4-bit dequantization, LoRA's extra matmuls, norms) a
 dynamic KV cache; on the H200 a 0.5B step took 28 ms where reading the weights takes 0.2 ms
 (`../shared/device/README.md`). So the fast path (`fast=True`, the default):
 
-- a static KV cache (transformers' `StaticCache`) per batch shape, prompts sorted by length
-  (longest first) and left-padded, the cache length rounded up to a multiple of `BUCKET`;
+- a static KV cache (transformers' `StaticCache`) per batch size, prompts sorted by length
+  (longest first) and left-padded, the cache as long as the longest prompt of the job needs
+  (rounded up to a multiple of `BUCKET`): shorter batches reuse the cache and its graph
+  (a decode step reads the whole cache, masked: on the 7B shape 32 rows x 900 positions is
+  ~1.5 GB a step against ~30 GB of weight traffic, while each new length cost a new cache,
+  a collection and a capture);
 - the prefill computes logits at the last position only;
 - on CUDA each decode step (forward, argmax, bookkeeping) is one captured CUDA graph replayed
   per token: transformers' own `generate(cache_implementation="static")` reaches graphs only
@@ -92,6 +96,7 @@ class Job:
         self.done = 0
         self.out: list[list[int]] = [[] for _ in prompts]
         self.scale: float | None = None  # measured / estimated bytes per row (first batch)
+        self.length = 0  # the cache length of the batches being run (`run`)
 
     def left(self) -> bool:
         return self.done < len(self.order)
@@ -102,22 +107,26 @@ class Job:
     def run(self, model, batch_size: int, fast: bool, limit_bytes: int | None) -> None:
         """The remaining prompts, up to `batch_size` at a time: fewer where the memory limit
         says so (`fitting_batch`, after the dense weights took theirs), re-planned from what
-        the first batch really used, and again at each shorter cache length (prompts come
-        longest first: later batches fit more rows, up to `batch_size`)."""
+        the first batch really used, and again at each shorter prompt length, rounded as cache
+        lengths are (prompts come longest first: later batches fit more rows, up to
+        `batch_size`)."""
         dense_weights = inference_weights(model, limit_bytes) if fast else contextlib.nullcontext()
         with dense_weights as dense:
             self.stats["dense_weights"] = bool(dense)
             measure = fast and bool(limit_bytes) and torch.cuda.is_available()
+            self.length = self.next_length()  # the cache every batch of this run shares
             rows = fitting_batch(model, self, batch_size, limit_bytes) if fast else batch_size
             self.stats["batch_size"] = rows
             self.stats.setdefault("batch_sizes", [])
             before = torch.cuda.memory_reserved() if measure else 0
-            runner = Runner(model, rows, self.max_new, self.pad, self.eos) if fast else None
-            planned_for = None  # the cache length the measured plan was made for
+            runner = (
+                Runner(model, rows, self.max_new, self.pad, self.eos, self.length) if fast else None
+            )
+            planned_for = None  # the prompt length (rounded) the measured plan was made for
             while self.left():
                 if runner and self.scale is not None and planned_for != self.next_length():
                     rows = fitting_batch(model, self, batch_size, limit_bytes, before)
-                    runner.rows = self.stats["batch_size"] = rows  # a new size: a new cache
+                    runner.rows = self.stats["batch_size"] = rows  # another size: a new cache
                     planned_for = self.next_length()
                 chunk = self.order[self.done : self.done + rows]
                 prompts = [self.prompts[i] for i in chunk]
@@ -139,14 +148,18 @@ class Job:
                     self.scale = used / (rows * need)
             self.stats["graphs"] = bool(runner and runner.graphed)
             self.stats["row_scale"] = self.scale
+            if runner:
+                self.stats["decode_setups"] = self.stats.get("decode_setups", 0) + runner.setups
+                self.stats["setup_s"] = self.stats.get("setup_s", 0.0) + runner.setup_s
 
     def next_length(self) -> int:
-        """The cache length the next batch needs (its longest prompt comes first)."""
+        """The cache length the next batch would need alone (its longest prompt comes first)."""
         return cache_length(self.longest_left(), self.max_new)
 
     def row_need(self, model, longest: int) -> int:
-        """`row_bytes` estimated for a batch whose longest prompt has `longest` tokens."""
-        return row_bytes(parts(model)[2], cache_length(longest, self.max_new), longest)
+        """`row_bytes` estimated for a batch whose longest prompt has `longest` tokens, in the
+        cache the batches of this run share (`Runner`)."""
+        return row_bytes(parts(model)[2], self.length or self.next_length(), longest)
 
 
 def _account(stats: dict, tokens: list[list[int]], seconds: float) -> None:
@@ -263,11 +276,19 @@ MARGIN_BYTES = 512 * 1024**2  # cuBLAS workspaces, the graph pool's slack, alloc
 
 
 class Runner:
-    """Generates for batches of up to `rows` prompts: one `StaticCache` and one decode graph
-    per cache length (batches come longest first, so each length is set up once)."""
+    """Generates for batches of up to `rows` prompts: one `StaticCache` of `length` positions
+    (what the longest prompt to come needs; 0: the first batch's) and one decode graph per
+    batch size."""
 
     def __init__(
-        self, model, rows: int, max_new: int, pad: int, eos: list[int], keep_logits: bool = False
+        self,
+        model,
+        rows: int,
+        max_new: int,
+        pad: int,
+        eos: list[int],
+        length: int = 0,
+        keep_logits: bool = False,
     ):
         self.body, self.head, self.config = parts(model)
         # transformers renamed the decoder's cache argument (past_key_values -> cache)
@@ -278,23 +299,32 @@ class Runner:
         self.rows, self.max_new, self.pad = rows, max_new, pad
         self.eos = torch.tensor(eos, device=self.device)
         self.graphed = False
-        self.length = 0
+        self.length = length
         self.step = None
+        self.setups, self.setup_s = 0, 0.0  # caches and decode graphs made, host seconds
 
     def generate(self, prompts: list[list[int]]) -> list[list[int]]:
         n = len(prompts)
         prompts = prompts + [prompts[-1]] * (self.rows - n)  # a fixed batch: fill the last
-        length = cache_length(max(map(len, prompts)), self.max_new)
-        if self.step is None or (length, self.rows) != (self.length, self.step.rows):
+        longest = max(map(len, prompts))
+        if longest + self.max_new > self.length:  # longer than planned for: a longer cache
+            self.length = cache_length(longest, self.max_new)
+            self.step = None
+        if self.step is None or self.rows != self.step.rows:
+            started = time.perf_counter()
             self.step = None  # the old cache and graph go before the new ones come
             _release()
-            self.step = DecodeStep(self, length)
-            self.length = length
+            self.step = DecodeStep(self, self.length)
+            self.setups += 1
+            self.setup_s += time.perf_counter() - started
         step = self.step
         ids, mask = _left_padded(prompts, self.pad, self.device)
         step.prefill(ids, mask)
         for _ in range(1, self.max_new):
+            started = time.perf_counter() if step.graph is None else None
             step.run()
+            if started is not None and step.graph is not None:  # it was captured: set-up
+                self.setup_s += time.perf_counter() - started
             if step.finished():
                 break
         tokens = step.out[:n].tolist()

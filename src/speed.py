@@ -13,6 +13,8 @@
 - logits only where they are scored: the prompt tokens' labels are masked, so the vocabulary
   projection and the loss run on the positions followed by a labelled token alone
   (`labelled_logits`, through transformers' `logits_to_keep`).
+- an optimizer step that does not wait for the card after every parameter
+  (`without_parameter_waits`, bitsandbytes' optimizers).
 """
 
 from __future__ import annotations
@@ -140,6 +142,49 @@ def checkpoint_share(model, fraction: float) -> int:
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = layer.gradient_checkpointing and i < keep
     return sum(bool(layer.gradient_checkpointing) for layer in layers)
+
+
+def without_parameter_waits(optimizer) -> bool:
+    """bitsandbytes' optimizers (0.50) call `torch.cuda.synchronize()` after every parameter's
+    update (`Optimizer8bit.step`, `sync_gpu(p)`): ~400 waits a step for a 7B model's LoRA
+    tensors, each leaving the card idle while the host prepares the next launch (1,574 device
+    syncs in 4 profiled 7B SQuAD steps, docs/bench/README.md). Their update kernels and the
+    paged states' prefetches go to the default stream, the stream the backward that made the
+    gradients ran on, so stream order already keeps every update after its gradient and before
+    the next forward. This runs the library's own step with the per-parameter wait left out
+    and its last one kept where states are paged (once a step: the library says paged
+    operations want it). The same
+    waits are what an open upstream change removes (bitsandbytes PR #2050, non-paged states);
+    until a release has it, this is the one place that does. Returns whether `optimizer` is
+    one of bitsandbytes' (else it is left as it is)."""
+    try:
+        from bitsandbytes.optim import optimizer as bnb_optimizer
+    except ImportError:
+        return False
+    if not isinstance(optimizer, bnb_optimizer.Optimizer8bit) or not hasattr(
+        bnb_optimizer, "sync_gpu"
+    ):
+        return False
+    library_step = optimizer.step
+
+    @functools.wraps(library_step)
+    def step(*args, **kwargs):
+        wait = bnb_optimizer.sync_gpu
+        bnb_optimizer.sync_gpu = _no_wait
+        try:
+            loss = library_step(*args, **kwargs)
+        finally:
+            bnb_optimizer.sync_gpu = wait
+        if optimizer.is_paged and torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return loss
+
+    optimizer.step = step
+    return True
+
+
+def _no_wait(tensor) -> None:
+    """What `without_parameter_waits` puts in place of bitsandbytes' per-parameter sync."""
 
 
 BOUNDARIES = "packed_cu_seqlens"  # the model input that carries a packed row's boundaries

@@ -484,9 +484,9 @@ def build_trainer(
         output_dir=str(out_dir / "hf"),
         max_steps=train_cfg["max_steps"],
         per_device_train_batch_size=micro,
-        # the validation loss runs at the micro-batch size: full-vocabulary logits of a
-        # larger batch would set the trial's peak memory, which is an objective
-        per_device_eval_batch_size=micro,
+        # the validation loss runs at the micro-batch size unless [train] val_batch_size says
+        # otherwise: its activations (and logits) would set the trial's peak, an objective
+        per_device_eval_batch_size=(not plain and train_cfg.get("val_batch_size")) or micro,
         gradient_accumulation_steps=train_cfg["grad_accum"] * train_cfg["batch_size"] // micro,
         learning_rate=lr,
         warmup_steps=train_cfg["warmup_ratio"],  # a float < 1 is a fraction of max_steps
@@ -533,6 +533,7 @@ def build_trainer(
         callbacks=[progress, StopCheck()],
     )
     trainer.val_accuracy = val_accuracy
+    trainer.optimizer_waits = plain or train_cfg.get("optimizer_waits", False)
     return trainer, progress
 
 
@@ -555,6 +556,14 @@ class TrialTrainer(Trainer):
     _parameters: int | None = None
     validation_seconds = 0.0  # the validation losses' share of the training loop
     val_accuracy: Callable | None = None
+    optimizer_waits = True  # False: bitsandbytes' step without its per-parameter syncs
+
+    def create_optimizer(self, model=None):
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if fresh and not self.optimizer_waits:
+            speed.without_parameter_waits(optimizer)
+        return optimizer
 
     def evaluate(self, *args, **kwargs):
         started = time.perf_counter()

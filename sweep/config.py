@@ -62,6 +62,7 @@ class Train:
     train_examples: int = 0  # training examples used (0 = all)
     val_examples: int = 256  # held-out training examples for the validation loss
     val_accuracy: bool = False  # sst2: also the accuracy on them at every validation (curves)
+    val_batch_size: int = 0  # examples per validation forward pass; 0 = as in training
     optimizer: str = "paged_adamw_8bit"  # or paged_adamw_32bit (any HF Trainer optim name)
     warmup_ratio: float = 0.05
     gradient_checkpointing: bool = True
@@ -77,6 +78,9 @@ class Train:
     cuda_graphs: bool = True  # checkpointed layers replayed as CUDA graphs (src/cuda_graphs.py)
     fused_lora: bool = True  # each LoRA layer as one autograd node (src/fused_lora.py)
     cudnn_attention: bool = False  # cuDNN's SDPA kernel: a plan per new shape (src/speed.py)
+    # bitsandbytes' optimizer step waiting for the card after every parameter, as the library
+    # does; off: one wait a step where states are paged (src/speed.without_parameter_waits)
+    optimizer_waits: bool = False
     target_modules: str = "all-linear"  # PEFT: every linear layer except the output head
     compute_dtype: str = "auto"  # bfloat16 on CUDA, float32 on the CPU (bf16 matmul is slow there)
     system_prompt: str | None = None  # None keeps the chat template's default system prompt
@@ -457,6 +461,10 @@ def _check_values(study: Study, key: str) -> None:
         raise ConfigError(
             f"must divide train.batch_size ({train.batch_size}); 0 = the whole batch",
             f"{key}.train.micro_batch",
+        )
+    if train.val_batch_size < 0:
+        raise ConfigError(
+            "must be >= 0 (0 = the training micro-batch)", f"{key}.train.val_batch_size"
         )
     if not 0 <= train.checkpoint_share <= 1:
         raise ConfigError("must lie in [0, 1]", f"{key}.train.checkpoint_share")

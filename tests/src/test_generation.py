@@ -73,6 +73,20 @@ def test_fast_path_answers_as_generate_does(tiny_model):
     assert not any(hasattr(m, "inference_weight") for m in model.modules())
 
 
+def test_batches_of_shorter_prompts_reuse_the_first_batch_s_cache(tiny_model):
+    """One cache (and, on CUDA, one decode graph) for every batch of one size, however much
+    shorter its prompts: the answers stay those of `generate`."""
+    model, tokenizer = _adapted(tiny_model)
+    long = "Tell me everything about the history of the city of Paris and of France. " * 6
+    questions = [long + str(i) for i in range(3)] + [f"Why {i}?" for i in range(5)]
+    examples = [{"messages": chat(q, None)} for q in questions]
+    stats = {}
+    fast = generate(model, tokenizer, examples, 2, 6, fast=True, stats=stats)
+    plain = generate(model, tokenizer, examples, 2, 6, fast=False)
+    assert fast == plain and all(fast)
+    assert stats["batches"] == 4 and stats["decode_setups"] == 1 and stats["setup_s"] > 0
+
+
 @pytest.mark.integration
 def test_fast_path_on_the_embedded_model_answers_squad_as_generate(embedded_model, shared_data):
     """Issue 17: on the real embedded model, >= 99 % of >= 200 SQuAD answers identical."""
@@ -133,7 +147,7 @@ def test_rows_are_planned_again_at_each_shorter_cache_length(tiny_model, monkeyp
     assert fast == plain and all(fast)
     assert len(set(lengths)) == 2  # planned at the start, after the first batch, when shorter
     assert stats["batch_sizes"] == [1, 2, 4] and stats["batches"] == 1 + 2 + 2
-    assert stats["row_scale"] is not None
+    assert stats["row_scale"] is not None and stats["decode_setups"] == 3  # one a batch size
 
 
 @contextlib.contextmanager

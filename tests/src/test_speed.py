@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 
 import pytest
 import torch
@@ -345,3 +346,64 @@ def test_only_liger_s_forward_counts_as_a_fused_loss(tiny_model, tmp_path):
     forward.__module__ = "liger_kernel.transformers.model.qwen2"
     fused = type("Fused", (torch.nn.Module,), {"forward": forward})()
     assert speed.fuses_loss(fused)
+
+
+@pytest.mark.parametrize("name", ["PagedAdamW8bit", "PagedAdamW32bit", "AdamW8bit"])
+def test_the_optimizer_step_is_the_library_s_without_its_per_parameter_waits(name, monkeypatch):
+    """bitsandbytes' step, as is and with `without_parameter_waits`: the same parameters after
+    three steps, its per-parameter sync never called, and the library left as it was."""
+    import bitsandbytes.optim as bnb_optim
+    from bitsandbytes.optim import optimizer as bnb_optimizer
+
+    def run(unwaited: bool) -> tuple[list[torch.Tensor], int]:
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(64, 4096, generator=gen)) for _ in range(3)]
+        optimizer = getattr(bnb_optim, name)(params, lr=1e-2)
+        if unwaited:
+            assert speed.without_parameter_waits(optimizer)
+        waits = []
+        monkeypatch.setattr(bnb_optimizer, "sync_gpu", lambda p: waits.append(p))
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            optimizer.step()
+        assert bnb_optimizer.sync_gpu is not speed._no_wait
+        monkeypatch.undo()
+        return [p.detach().clone() for p in params], len(waits)
+
+    (waited, waits), (unwaited, none) = run(False), run(True)
+    assert waits >= 9 and none == 0
+    assert all(torch.equal(a, b) for a, b in zip(waited, unwaited, strict=True))
+    assert not speed.without_parameter_waits(torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))]))
+
+
+def test_a_trial_s_optimizer_steps_without_waits_and_the_plain_recipe_s_with(tiny_model, tmp_path):
+    from datasets import Dataset
+
+    model = _trial(tiny_model, tmp_path)
+    tokenizer = models.load_tokenizer(str(tiny_model))
+    rows = Dataset.from_list([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}] * 2)
+    for plain in (False, True):
+        trainer, _ = train_qlora.build_trainer(
+            model, tokenizer, rows, None, _train_cfg(max_steps=1, batch_size=2), 1e-3, tmp_path,
+            plain=plain,
+        )  # fmt: skip
+        optimizer = trainer.create_optimizer()
+        assert inspect.ismethod(optimizer.step) == plain  # the library's own, or the wrapper
+
+
+def test_validation_runs_at_its_own_batch_size_in_trials_only(tiny_model, tmp_path):
+    from datasets import Dataset
+
+    model = _trial(tiny_model, tmp_path)
+    tokenizer = models.load_tokenizer(str(tiny_model))
+    rows = Dataset.from_list([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}] * 2)
+    sizes = {}
+    for plain in (False, True):
+        for val_batch in (0, 6):
+            cfg = _train_cfg(max_steps=1, batch_size=2, val_batch_size=val_batch)
+            trainer, _ = train_qlora.build_trainer(
+                model, tokenizer, rows, rows, cfg, 1e-3, tmp_path, plain=plain
+            )
+            sizes[plain, val_batch] = trainer.args.per_device_eval_batch_size
+    assert sizes == {(False, 0): 2, (False, 6): 6, (True, 0): 2, (True, 6): 2}

@@ -86,6 +86,10 @@ def test_data_dir_from_environment(monkeypatch, tmp_path: Path):
             "train={compile=true, cuda_graphs=true}",
             "studies.x.train.cuda_graphs: compile and cuda_graphs exclude each other",
         ),
+        (
+            "[studies.x]\ntask='sst2'\nmodels=['m']\nn_trials=1\ntrain={val_batch_size=-1}",
+            "studies.x.train.val_batch_size: must be >= 0",
+        ),
         ("[models.y]\nid='a'\npath='b'", "models.y: give exactly one of id, path, package"),
         ("[studies.x\n", "not valid TOML"),
     ],
