@@ -23,15 +23,17 @@ for step in $what; do
     python3 -m src.random_qwen --shape 0.5B --tokenizer data/gpu-tokenizer \
       --out /tmp/qwen2.5-0.5b-random >/dev/null || exit 1
     SWEEP_GPU_MODEL=/tmp/qwen2.5-0.5b-random python3 -m pytest -m gpu -q -p no:cacheprovider \
-      tests/gpu/test_generation.py tests/gpu/test_packed_attention.py 2>&1 | tail -15 ;;
+      tests/gpu/test_generation.py tests/gpu/test_packed_attention.py \
+      tests/gpu/test_optimizer.py 2>&1 | tail -15 ;;
   alpacaeval)  # 64 instructions, 512 new tokens; the judge left out (no key: win rate unset);
     # all-logits: a lower training peak (smaller validation logits) also lowers the memory
-    # evaluation may use (dense weights, batch): does generation slow down?
+    # evaluation may use (dense weights, batch): does generation slow down? (ALPACA_VARIANTS=
+    # "": none; or "--variant NAME:key=value ...")
     python3 -m sweep bench --whole-trial --study alpacaeval --model 0.5B \
       --tokenizer data/gpu-tokenizer --out "$out" --set "$data" --set train.max_steps=100 \
       --set eval.max_examples=64 --set eval.max_new_tokens=512 \
       --set 'eval.judge={name="openai", model="none", api_key_env="SWEEP_NO_JUDGE"}' \
-      --variant all-logits:labelled_logits=false 2>&1 | quiet ;;
+      ${ALPACA_VARIANTS---variant all-logits:labelled_logits=false} 2>&1 | quiet ;;
   squad)  # the squad study's batch, sequence length and new tokens; 100 steps, 1,000 questions;
     # PROFILE=1: torch.profiler over steps 60-63 (it slows both recipes: not for the target);
     # variants: every position's logits also in validation, and masked SDPA instead of packed
