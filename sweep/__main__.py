@@ -338,6 +338,12 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
         help="time one real trial of --study (--steps steps) instead",
     )
     p.add_argument(
+        "--cold",
+        action="store_true",
+        help="--whole-trial: measure with the kernel caches as they are (default: a short "
+        "trial-path trial fills them first, as a sweep's first trial does for the rest)",
+    )
+    p.add_argument(
         "--whole-trial",
         action="store_true",
         help="one whole trial of --study on --model, plain recipe + model.generate against "

@@ -68,6 +68,8 @@ def run(args) -> Path:
     work = Path(tempfile.mkdtemp(prefix="sweep-whole-trial-"))
     runs: dict[str, list[dict]] = {name: [] for name in studies}
     try:
+        if not args.cold:
+            warm_kernel_caches(cfg, studies["trial"], params, work)
         for round_ in range(args.rounds):
             for name, study_cfg in studies.items():
                 print(f"whole trial: {name}, round {round_ + 1} of {args.rounds}", flush=True)
@@ -122,6 +124,24 @@ def fill_bytecode_cache(module: str = "src.train_qlora") -> None:
             env=trial_process.child_env(),
             check=False,
         )
+
+
+def warm_kernel_caches(cfg, study_cfg, params: dict, work: Path) -> None:
+    """A short trial of the trial path (4 steps, 16 validation rows, 16 questions), not
+    measured: the first trial process on a machine compiles the Triton kernels it uses
+    (Liger's, torch's) into the on-disk caches every later trial loads them from. On the H200
+    (7B SQuAD, docs/bench/README.md) that first process took 83.3 s against 69.8-70.5 s for
+    the trial-path processes after it. What a sweep pays per trial is the latter; `--cold`
+    measures the former."""
+    short = dataclasses.replace(
+        study_cfg,
+        train=dataclasses.replace(study_cfg.train, max_steps=4, eval_every=2, val_examples=16),
+        eval=dataclasses.replace(study_cfg.eval, max_examples=16),
+    )
+    print("whole trial: a short trial first, to fill the kernel caches", flush=True)
+    folder = work / "kernel-caches"
+    folder.mkdir()
+    one_trial(cfg, short, params, folder, "trial")
 
 
 def one_trial(
@@ -264,6 +284,7 @@ def summarize(runs: dict[str, list[dict]], args, study_cfg, shape: str) -> dict:
         "command": "python -m sweep bench " + " ".join(sys.argv[2:]),
         "device": fast[0]["device"],
         "rounds": args.rounds,
+        "kernel_caches": "cold" if args.cold else "filled by a short trial first",
         "settings": {
             "task": study_cfg.task,
             "train": trial.jsonable(dataclasses.asdict(study_cfg.train)),
@@ -308,7 +329,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"# Whole trial: {result['study']} on the Qwen2.5-{result['shape']} shape\n",
         f"{result['date']} · {result['device']} · {result['rounds']} round(s), each trial a "
-        f"process of its own, alternating · `{result['command']}`\n",
+        f"process of its own, alternating; kernel caches "
+        f"{result.get('kernel_caches', 'cold')} · `{result['command']}`\n",
         "| | plain | trial | x |",
         "|---|---|---|---|",
         f"| whole trial, process start to exit (s) | {_num(plain['wall_s'], 1)} | "

@@ -87,6 +87,29 @@ def test_batches_of_shorter_prompts_reuse_the_first_batch_s_cache(tiny_model):
     assert stats["batches"] == 4 and stats["decode_setups"] == 1 and stats["setup_s"] > 0
 
 
+def test_a_replaced_decode_step_is_freed_without_a_collection(tiny_model):
+    """Another batch size drops the old cache (and, on CUDA, its graph) as its last reference
+    goes: the runner does not pay a garbage collection for it."""
+    import gc
+    import weakref
+
+    from src.generation import Runner
+
+    model, tokenizer = _adapted(tiny_model)
+    prompts = [tokenizer("Hello there")["input_ids"], tokenizer("Why?")["input_ids"]]
+    runner = Runner(model, 2, 4, 0, [-1], length=64)
+    gc.disable()
+    try:
+        with torch.no_grad():
+            runner.generate(prompts)
+            old = weakref.ref(runner.step)
+            runner.rows = 1
+            runner.generate(prompts[:1])
+        assert old() is None and runner.step.rows == 1 and runner.setups == 2
+    finally:
+        gc.enable()
+
+
 @pytest.mark.integration
 def test_fast_path_on_the_embedded_model_answers_squad_as_generate(embedded_model, shared_data):
     """Issue 17: on the real embedded model, >= 99 % of >= 200 SQuAD answers identical."""

@@ -59,7 +59,7 @@ def test_variants_are_compared_with_plain_and_shown(tmp_path):
         "trial": [_outcome([0.5] * 4, [400] * 4, {"training": 2, "capture_s": 0.1})],
         "eager": [_outcome([0.4] * 4, [400] * 4)],
     }
-    args = SimpleNamespace(study="squad", rounds=1, rank=16)
+    args = SimpleNamespace(study="squad", rounds=1, rank=16, cold=False)
     study_cfg = config.load(ROOT / "sweep.toml", study="squad").studies["squad"]
     result = whole_trial.summarize(runs, args, study_cfg, "7B")
     assert result["ratio"]["training"] == pytest.approx(2.0)
@@ -70,6 +70,35 @@ def test_variants_are_compared_with_plain_and_shown(tmp_path):
     text = whole_trial.markdown(result)
     assert "| eager | 1,000 | 2.50 |" in text and "| trial | 800 | 2.00 |" in text
     assert "later trials pay) (s) | 13.0 | 11.0 | 1.18 |" in text
+    assert "kernel caches filled by a short trial first" in text
+
+
+@pytest.mark.parametrize("cold", [False, True])
+def test_a_short_trial_fills_the_kernel_caches_before_anything_is_measured(
+    tmp_path, monkeypatch, cold
+):
+    """By default the first process is a short trial of the trial path (what compiles the
+    kernels a sweep's later trials load from disk), then plain and trial alternate; `--cold`
+    leaves it out."""
+    calls = []
+
+    def trial(cfg, study_cfg, params, folder, recipe, profile=False):
+        calls.append((folder.name, recipe, study_cfg.train.max_steps, study_cfg.eval.max_examples))
+        return _outcome([0.5] * 4, [400] * 4)
+
+    monkeypatch.setattr(whole_trial, "one_trial", trial)
+    monkeypatch.setattr(whole_trial, "checkpoint", lambda args, cfg: (tmp_path, "7B"))
+    monkeypatch.setattr(whole_trial, "fill_bytecode_cache", lambda: None)
+    monkeypatch.setattr(whole_trial, "write", lambda result, out: result)
+    args = SimpleNamespace(
+        study="squad", rounds=1, rank=16, dropout=0.05, cold=cold, set=[], variant=[],
+        config=ROOT / "sweep.toml", profile=False, out=tmp_path,
+    )  # fmt: skip
+    result = whole_trial.run(args)
+    measured = [("plain-0", "plain", 300, 2000), ("trial-0", "trial", 300, 2000)]
+    short = [] if cold else [("kernel-caches", "trial", 4, 16)]
+    assert calls == short + measured
+    assert result["kernel_caches"] == ("cold" if cold else "filled by a short trial first")
 
 
 @pytest.mark.parametrize("spec", ["plain:cuda_graphs=false", ":cuda_graphs=false", "trial"])
