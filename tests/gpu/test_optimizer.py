@@ -18,8 +18,8 @@ pytestmark = pytest.mark.gpu
 def test_updates_are_the_library_s_to_the_bit_with_one_wait_a_step(name, monkeypatch):
     """LoRA-like tensors of a 7B layer (some above the size bitsandbytes pages): five steps
     whose gradients come from a matmul queued just before, as a backward's would: the same
-    parameters with and without the waits, and at most one device sync a step instead of one
-    per parameter."""
+    parameters with and without the waits, and after the first step (which makes the states)
+    at most one device sync a step instead of one per parameter."""
     import bitsandbytes.optim as bnb_optim
 
     shapes = [(16, 3584), (512, 16), (18944, 16), (16, 18944), (3584, 16)]
@@ -36,15 +36,17 @@ def test_updates_are_the_library_s_to_the_bit_with_one_wait_a_step(name, monkeyp
         real = torch.cuda.synchronize
         monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: (syncs.append(1), real(*a)))
         x = torch.randn(4096, 4096, device="cuda", generator=gen)
-        for _ in range(5):
+        for step in range(5):
             for p in params:
                 busy = x @ x  # the card is busy when the gradient is written
                 p.grad = torch.randn(p.shape, device="cuda", generator=gen) + busy[0, 0] * 0
             optimizer.step()
+            if step == 0:  # the first step makes the states (paged ones sync as they fill)
+                syncs.clear()
         monkeypatch.undo()
         torch.cuda.synchronize()
         return [p.detach().clone() for p in params], len(syncs)
 
     (waited, waits), (unwaited, fewer) = run(False), run(True)
-    assert waits >= 5 * len(shapes) and fewer <= 5
+    assert waits >= 4 * len(shapes) and fewer <= 4
     assert all(torch.equal(a, b) for a, b in zip(waited, unwaited, strict=True))
