@@ -10,8 +10,11 @@ dynamic KV cache; on the H200 a 0.5B step took 28 ms where reading the weights t
   (longest first) and left-padded, the cache as long as the longest prompt of the job needs
   (rounded up to a multiple of `BUCKET`): shorter batches reuse the cache and its graph
   (a decode step reads the whole cache, masked: on the 7B shape 32 rows x 900 positions is
-  ~1.5 GB a step against ~30 GB of weight traffic, while each new length cost a new cache,
-  a collection and a capture);
+  ~1.5 GB a step against ~30 GB of weight traffic). Measured on the H200 (7B SQuAD,
+  docs/bench/README.md, session 18) this did not pay yet: the rows, planned again as prompts
+  get shorter, took 8 sizes, so 8 set-ups as with a cache per length, and the prefill attends
+  over the whole cache; generation 17-20 s against 16-18 s with a cache per length in earlier
+  sessions, within what varies between calls but not better;
 - the prefill computes logits at the last position only;
 - on CUDA each decode step (forward, argmax, bookkeeping) is one captured CUDA graph replayed
   per token: transformers' own `generate(cache_implementation="static")` reaches graphs only

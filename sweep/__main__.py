@@ -320,7 +320,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME[:KEY=V,...]",
-        help="a trial-path variant with [train] overrides, e.g. "
+        help="a trial-path variant with [train] (or eval.KEY: [eval]) overrides, e.g. "
         "'no-ckpt:gradient_checkpointing=false' (repeatable; default: trial)",
     )
     p.add_argument(

@@ -85,13 +85,18 @@ def run(args) -> Path:
 
 
 def variant_sets(specs: list[str]) -> dict[str, list[str]]:
-    """`NAME:key=value,key=value` -> {NAME: ["train.key=value", ...]} (checked when loaded)."""
+    """`NAME:key=value,eval.key=value` -> {NAME: ["train.key=value", "eval.key=value"]}: a
+    bare key is [train]'s, `eval.` keys are [eval]'s (checked when loaded)."""
     out = {}
     for spec in specs:
         name, _, pairs = spec.partition(":")
         if not name or name in RECIPES:
             raise ConfigError(f"a variant needs a name other than {RECIPES}: {spec!r}", "--variant")
-        out[name] = [f"train.{kv}" for kv in pairs.split(",") if kv]
+        out[name] = [
+            kv if kv.startswith(("train.", "eval.")) else f"train.{kv}"
+            for kv in pairs.split(",")
+            if kv
+        ]
     return out
 
 

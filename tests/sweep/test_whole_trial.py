@@ -108,6 +108,9 @@ def test_a_variant_needs_its_own_name(spec):
     assert whole_trial.variant_sets(["eager:cuda_graphs=false,packing=true"]) == {
         "eager": ["train.cuda_graphs=false", "train.packing=true"]
     }
+    assert whole_trial.variant_sets(["rows16:eval.batch_size=16,train.seed=1"]) == {
+        "rows16": ["eval.batch_size=16", "train.seed=1"]
+    }
 
 
 def test_the_byte_code_cache_is_filled_before_the_first_recipe(tmp_path, monkeypatch):
