@@ -153,10 +153,10 @@ def without_parameter_waits(optimizer) -> bool:
     gradients ran on, so stream order already keeps every update after its gradient and before
     the next forward. This runs the library's own step with the per-parameter wait left out
     and its last one kept where states are paged (once a step: the library says paged
-    operations want it). The same
-    waits are what an open upstream change removes (bitsandbytes PR #2050, non-paged states);
-    until a release has it, this is the one place that does. Returns whether `optimizer` is
-    one of bitsandbytes' (else it is left as it is)."""
+    operations want it). The same waits are what an open upstream change removes
+    (bitsandbytes PR #2050, non-paged states); until a release has it, this is the one place
+    that does. Returns whether `optimizer` is one of bitsandbytes' (else it is left as it
+    is)."""
     try:
         from bitsandbytes.optim import optimizer as bnb_optimizer
     except ImportError:
