@@ -7,14 +7,12 @@ dynamic KV cache; on the H200 a 0.5B step took 28 ms where reading the weights t
 (`../shared/device/README.md`). So the fast path (`fast=True`, the default):
 
 - a static KV cache (transformers' `StaticCache`) per batch size, prompts sorted by length
-  (longest first) and left-padded, the cache as long as the longest prompt of the job needs
-  (rounded up to a multiple of `BUCKET`): shorter batches reuse the cache and its graph
-  (a decode step reads the whole cache, masked: on the 7B shape 32 rows x 900 positions is
-  ~1.5 GB a step against ~30 GB of weight traffic). Measured on the H200 (7B SQuAD,
-  docs/bench/README.md, session 18) this did not pay yet: the rows, planned again as prompts
-  get shorter, took 8 sizes, so 8 set-ups as with a cache per length, and the prefill attends
-  over the whole cache; generation 17-20 s against 16-18 s with a cache per length in earlier
-  sessions, within what varies between calls but not better;
+  (longest first) and left-padded; a cache is made as long as the batch that needs it
+  (rounded up to a multiple of `BUCKET`) and serves every later batch of that size, whose
+  prompts are no longer. Session 18 sized every cache for the job's longest prompt: the rows,
+  planned again as prompts get shorter, still took 8 sizes on the 7B shape (8 set-ups, as
+  with a cache per length), and each later cache was up to ~900 positions long for ~200-token
+  prompts, which every prefill and decode step attends over (docs/bench/README.md);
 - the prefill computes logits at the last position only;
 - on CUDA each decode step (forward, argmax, bookkeeping) is one captured CUDA graph replayed
   per token: transformers' own `generate(cache_implementation="static")` reaches graphs only
@@ -99,7 +97,6 @@ class Job:
         self.done = 0
         self.out: list[list[int]] = [[] for _ in prompts]
         self.scale: float | None = None  # measured / estimated bytes per row (first batch)
-        self.length = 0  # the cache length of the batches being run (`run`)
 
     def left(self) -> bool:
         return self.done < len(self.order)
@@ -117,14 +114,11 @@ class Job:
         with dense_weights as dense:
             self.stats["dense_weights"] = bool(dense)
             measure = fast and bool(limit_bytes) and torch.cuda.is_available()
-            self.length = self.next_length()  # the cache every batch of this run shares
             rows = fitting_batch(model, self, batch_size, limit_bytes) if fast else batch_size
             self.stats["batch_size"] = rows
             self.stats.setdefault("batch_sizes", [])
             before = torch.cuda.memory_reserved() if measure else 0
-            runner = (
-                Runner(model, rows, self.max_new, self.pad, self.eos, self.length) if fast else None
-            )
+            runner = Runner(model, rows, self.max_new, self.pad, self.eos) if fast else None
             planned_for = None  # the prompt length (rounded) the measured plan was made for
             while self.left():
                 if runner and self.scale is not None and planned_for != self.next_length():
@@ -160,9 +154,10 @@ class Job:
         return cache_length(self.longest_left(), self.max_new)
 
     def row_need(self, model, longest: int) -> int:
-        """`row_bytes` estimated for a batch whose longest prompt has `longest` tokens, in the
-        cache the batches of this run share (`Runner`)."""
-        return row_bytes(parts(model)[2], self.length or self.next_length(), longest)
+        """`row_bytes` estimated for a batch whose longest prompt has `longest` tokens, in a
+        cache made for the next batch (`Runner`: a batch size keeps its cache, which is never
+        shorter than a later batch needs)."""
+        return row_bytes(parts(model)[2], self.next_length(), longest)
 
 
 def _account(stats: dict, tokens: list[list[int]], seconds: float) -> None:
@@ -279,9 +274,9 @@ MARGIN_BYTES = 512 * 1024**2  # cuBLAS workspaces, the graph pool's slack, alloc
 
 
 class Runner:
-    """Generates for batches of up to `rows` prompts: one `StaticCache` of `length` positions
-    (what the longest prompt to come needs; 0: the first batch's) and one decode graph per
-    batch size."""
+    """Generates for batches of up to `rows` prompts: one `StaticCache` and one decode graph
+    per batch size, the cache as long as the first batch of that size needs (prompts come
+    longest first: later ones fit; a longer one gets a longer cache)."""
 
     def __init__(
         self,
@@ -290,7 +285,6 @@ class Runner:
         max_new: int,
         pad: int,
         eos: list[int],
-        length: int = 0,
         keep_logits: bool = False,
     ):
         self.body, self.head, self.config = parts(model)
@@ -302,7 +296,6 @@ class Runner:
         self.rows, self.max_new, self.pad = rows, max_new, pad
         self.eos = torch.tensor(eos, device=self.device)
         self.graphed = False
-        self.length = length
         self.step = None
         self.setups, self.setup_s = 0, 0.0  # caches and decode graphs made, host seconds
 
@@ -310,9 +303,8 @@ class Runner:
         n = len(prompts)
         prompts = prompts + [prompts[-1]] * (self.rows - n)  # a fixed batch: fill the last
         longest = max(map(len, prompts))
-        if longest + self.max_new > self.length:  # longer than planned for: a longer cache
-            self.length = cache_length(longest, self.max_new)
-            self.step = None
+        if self.step is not None and longest + self.max_new > self.step.length:
+            self.step = None  # longer than this size's cache: a longer one
         if self.step is None or self.rows != self.step.rows:
             started = time.perf_counter()
             # the old cache and graph go before the new ones come: freed as their last
@@ -321,7 +313,7 @@ class Runner:
             self.step = None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            self.step = DecodeStep(self, self.length)
+            self.step = DecodeStep(self, cache_length(longest, self.max_new))
             self.setups += 1
             self.setup_s += time.perf_counter() - started
         step = self.step
@@ -347,7 +339,7 @@ class DecodeStep:
     def __init__(self, runner: Runner, length: int):
         from transformers import StaticCache
 
-        self.r, self.rows = runner, runner.rows
+        self.r, self.rows, self.length = runner, runner.rows, length
         rows, device = runner.rows, runner.device
         self.cuda = device.type == "cuda"
         self.cache = StaticCache(config=runner.config, max_cache_len=length)

@@ -14,21 +14,41 @@ python3 -m src.random_qwen --shape 0.5B --tokenizer data/gpu-tokenizer \
   --out /tmp/qwen2.5-0.5b-random >/dev/null || exit 1
 nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 1000 \
   > "$out/nvml-$tag.csv" & smi=$!
-t0=$SECONDS
+# what bounds packed trials: the card's busy share (a kernel running, of any size) and the host
+# cores' (user + system %), a line a second stamped with the epoch second
+while :; do  # (not piped from nvidia-smi -lms or vmstat: both buffer their lines in a pipe)
+  echo "$EPOCHSECONDS, $(nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits | head -1)"
+  sleep 1
+done > "$out/util-gpu-$tag.csv" & util=$!
+while :; do  # busy share of all host cores over the last second, from /proc/stat
+  read -r _ u n s i w q sq st _ < /proc/stat; sleep 1
+  read -r _ u2 n2 s2 i2 w2 q2 sq2 st2 _ < /proc/stat
+  b=$(( (u2 + n2 + s2 + q2 + sq2 + st2) - (u + n + s + q + sq + st) ))
+  echo "$EPOCHSECONDS, $(( 100 * b / (b + i2 + w2 - i - w + 1) ))"
+done > "$out/util-cpu-$tag.csv" & cpu=$!
+t0=$SECONDS; e0=$EPOCHSECONDS
 if [ "$serial" -gt 0 ]; then
   python3 -m sweep run --study gpu-pack-serial --config $cfg --set "$data" --n-trials $serial \
     2>&1 | grep -E "^trial [0-9]+ (complete|fail|pruned)|rror"
 fi
-t1=$SECONDS
+t1=$SECONDS; e1=$EPOCHSECONDS
 # a study name per GPU list: a copy of the config beside it (same storage) with the study renamed
 copy=tests/gpu/pack-$tag.toml
 sed "s/^\[studies.gpu-pack\]/[studies.gpu-pack-$tag]/" $cfg > $copy
 python3 -m sweep run --study gpu-pack-$tag --config $copy --set "$data" --gpus $gpus --trials-per-gpu auto \
   --mps $mps --n-trials $packed 2>&1 | grep -E "up to|MPS|^trial [0-9]+ (complete|fail|pruned)|rror"
-t2=$SECONDS
-kill $smi
+t2=$SECONDS; e2=$EPOCHSECONDS
+kill $smi $util $cpu 2>/dev/null
+busy() {  # median of FILE's second column between two epoch seconds
+  awk -F', ' -v a="$2" -v b="$3" '$1 >= a && $1 < b { print $2 }' "$1" | sort -n \
+    | awk '{ v[NR] = $1 } END { if (NR) printf "%d %%", v[int((NR + 1) / 2)]; else printf "-" }'
+}
 python3 -m sweep status --study gpu-pack-$tag --config $copy | tail -4
 studies="gpu-pack-$tag"; [ "$serial" -gt 0 ] && studies="gpu-pack-serial $studies"
 python3 tests/gpu/phases.py tests/gpu/storage/optuna.db "$out" $studies | tee -a "$out/phases.txt"
 max_used=$(awk -F', ' '{ if ($2 > m[$1]) m[$1] = $2 } END { for (g in m) printf "gpu%s %.1f GiB ", g, m[g] / 1024 }' "$out/nvml-$tag.csv")
 echo "serial: $serial trials in $((t1 - t0)) s; packed on GPUs $gpus: $packed trials in $((t2 - t1)) s; most memory used: $max_used" | tee -a "$out/summary.txt"
+echo "median busy: card $(busy "$out/util-gpu-$tag.csv" $e0 $e1) serial, \
+$(busy "$out/util-gpu-$tag.csv" $e1 $e2) packed; host cores (user + system) \
+$(busy "$out/util-cpu-$tag.csv" $e0 $e1) serial, $(busy "$out/util-cpu-$tag.csv" $e1 $e2) packed" \
+  | tee -a "$out/summary.txt"

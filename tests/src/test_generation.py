@@ -89,23 +89,30 @@ def test_batches_of_shorter_prompts_reuse_the_first_batch_s_cache(tiny_model):
 
 def test_a_replaced_decode_step_is_freed_without_a_collection(tiny_model):
     """Another batch size drops the old cache (and, on CUDA, its graph) as its last reference
-    goes: the runner does not pay a garbage collection for it."""
+    goes: the runner does not pay a garbage collection for it. The new cache is as long as
+    the batch that made it needs, not as the first batch's."""
     import gc
     import weakref
 
-    from src.generation import Runner
+    from src.generation import Runner, cache_length
 
     model, tokenizer = _adapted(tiny_model)
-    prompts = [tokenizer("Hello there")["input_ids"], tokenizer("Why?")["input_ids"]]
-    runner = Runner(model, 2, 4, 0, [-1], length=64)
+    long = tokenizer("Tell me about Paris and France. " * 20)["input_ids"]
+    short = tokenizer("Why?")["input_ids"]
+    runner = Runner(model, 2, 4, 0, [-1])
     gc.disable()
     try:
         with torch.no_grad():
-            runner.generate(prompts)
+            runner.generate([long, short])
             old = weakref.ref(runner.step)
+            assert runner.step.length == cache_length(len(long), 4) > cache_length(len(short), 4)
             runner.rows = 1
-            runner.generate(prompts[:1])
+            runner.generate([short])
         assert old() is None and runner.step.rows == 1 and runner.setups == 2
+        assert runner.step.length == cache_length(len(short), 4)
+        with torch.no_grad():  # a longer prompt than the cache holds: a longer cache
+            assert runner.generate([long]) and runner.step.length == cache_length(len(long), 4)
+        assert runner.setups == 3
     finally:
         gc.enable()
 
