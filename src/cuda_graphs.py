@@ -23,7 +23,14 @@ the same call. Only a signature where the card waited for the host (`HOST_BOUND`
 captured, at its next sight, by every layer (the first layer to capture it runs it twice
 eagerly on a side stream first, so lazy initialisation happens outside a capture); past
 `MAX_SHAPES` per layer, or for an input it cannot key, the layer runs the same checkpoint
-eagerly. Evaluation in eval mode without gradients (the Trainer's validation loss) replays a
+eagerly. A probe also decides for the signatures of its kind (same mode, hidden size, dtypes,
+arguments) that it bounds (`judged`): the host's launching does not depend on the token count
+while the card's work grows with it, so a signature with no more tokens than one measured
+host-bound is captured at its first sight, and one with no fewer than one measured
+card-bound runs eagerly, neither probed. Measured on the H200 (docs/bench/README.md, session
+19): every training probe of a 0.5B AlpacaEval or 7B SQuAD trial found the card waiting, and
+the two eager sights per shape before each capture cost the 0.5B trial ~5 s of 18 s of
+training. Evaluation in eval mode without gradients (the Trainer's validation loss) replays a
 forward-only graph per shape, probed the same way: validation took 31 % of a 0.5B SST-2
 trial's training loop with eager layers (py-spy, docs/bench/README.md). Anything else
 without gradients (generation with its KV cache) runs the layers as they are. Adapters only:
@@ -240,6 +247,7 @@ class GraphSet:
         self.statics: dict = {}  # (gradients, signature) -> Statics
         self.warm: set = set()  # (gradients, signature) warmed up
         self.worth: dict = {}  # (gradients, signature) -> whether its graphs pay (measured)
+        self.inferred: dict = {}  # the same, decided from the measured ones (`judged`)
         self.sights: dict = {}  # (gradients, signature) -> [the layer probing it, its sights]
         # what the trial's result records: graphs captured (a layer's forward+backward pair
         # counts one), host seconds spent warming up and capturing, calls run eagerly, and
@@ -250,11 +258,23 @@ class GraphSet:
             "capture_s": 0.0,
             "eager_calls": 0,
             "probes": [],
+            "inferred": 0,
         }
+
+    def judge(self, signature: tuple) -> bool | None:
+        """Whether `signature`'s graphs pay: measured, else decided by the measured ones of its
+        kind (`judged`), else None (not known yet: probe it)."""
+        worth = self.worth.get(signature, self.inferred.get(signature))
+        if worth is None:
+            worth = judged(self.worth, signature)
+            if worth is not None:
+                self.inferred[signature] = worth
+                self.stats["inferred"] += 1
+        return worth
 
     def probed(self, layer, signature: tuple, hidden: torch.Tensor, run):
         """`run()`, timed when `layer` probes `signature` now (see the module's docstring)."""
-        if PROBE_AT == 0 or signature in self.worth:
+        if PROBE_AT == 0 or self.judge(signature) is not None:
             return run()
         sight = self.sights.setdefault(signature, [layer, 0])
         if sight[0] is not layer:
@@ -277,6 +297,29 @@ class GraphSet:
             [signature[0], tokens, round(host_s * 1e3, 3), round(card_s * 1e3, 3), worth]
         )
         return out
+
+
+def judged(measured: dict, signature: tuple) -> bool | None:
+    """What the `measured` probes (signature -> graphs pay) say of `signature`, a
+    `(gradients, hidden shape, *the rest)` of the layer's key: True where one of its kind (all
+    but the token count and the other tensors' shapes) was host-bound with at least as many
+    tokens, False where one was card-bound with at most as many, None where neither or both."""
+    tokens, kind = _tokens_and_kind(signature)
+    host = card = False
+    for other, worth in measured.items():
+        n, other_kind = _tokens_and_kind(other)
+        if other_kind == kind:
+            host |= worth and n >= tokens
+            card |= not worth and n <= tokens
+    return None if host == card else host
+
+
+def _tokens_and_kind(signature: tuple) -> tuple[int, tuple]:
+    gradients, shape, *rest = signature
+    tokens = 1
+    for size in shape[:-1]:
+        tokens *= size
+    return tokens, (gradients, shape[-1], *rest[:-1])  # the last: the other tensors' shapes
 
 
 class GraphedLayer:
@@ -348,11 +391,7 @@ class GraphedLayer:
         found = table.get(key)
         buffers = (gradients, *key[1:])  # the dropout switches (key[0]) change no buffer
         shared = self.shared
-        if (
-            found is None
-            and len(table) < MAX_SHAPES
-            and (PROBE_AT == 0 or shared.worth.get(buffers))
-        ):
+        if found is None and len(table) < MAX_SHAPES and (PROBE_AT == 0 or shared.judge(buffers)):
             statics = shared.statics.get(buffers)
             if statics is None:
                 statics = shared.statics[buffers] = Statics(call.sources, call.hidden, gradients)

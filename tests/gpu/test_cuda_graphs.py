@@ -134,3 +134,14 @@ def test_a_signature_is_captured_only_where_the_card_waits_for_the_host(n, token
     assert len(graphed.forward_graphs) == int(captured)
     probes = graphed.shared.stats["probes"]
     assert [p[0] for p in probes] == [True, False] and all(p[-1] == captured for p in probes)
+    # what the probes bound is decided without a probe: fewer tokens than a host-bound
+    # signature, captured at the first sight; more than a card-bound one, never captured
+    y = torch.randn(tokens // 2 if captured else tokens * 2, n, device="cuda", requires_grad=True)
+    layer.train()
+    layer(y).sum().backward()
+    assert len(graphed.graphs) == 2 * int(captured)
+    layer.eval()
+    with torch.no_grad():
+        layer(y)
+    assert len(graphed.forward_graphs) == 2 * int(captured)
+    assert len(graphed.shared.stats["probes"]) == 2 and graphed.shared.stats["inferred"] == 2

@@ -93,3 +93,26 @@ def test_a_cpu_trial_has_no_graphs(tiny_model, tmp_path):
     assert not cuda_graphs.installed(model)
     assert cuda_graphs.install(speed.decoder_layers(model), graphs=False) == 2
     assert not cuda_graphs.installed(model)  # the eager checkpoint only
+
+
+def _signature(gradients: bool, rows: int, length: int, hidden: int = 64, mask=(1, 2)) -> tuple:
+    """A `GraphedLayer` key as `GraphSet` sees it: (gradients, hidden shape, *the rest)."""
+    shape = (rows, length, hidden)
+    return (gradients, shape, torch.bfloat16, True, None, "spec", ((tuple(mask), "int64"),))
+
+
+def test_a_probe_decides_for_the_signatures_of_its_kind_that_it_bounds():
+    """Host-bound at 1,024 tokens: any training signature of no more tokens is too (the host's
+    launching is the same, the card's work smaller), whatever its other tensors' shapes;
+    card-bound at 8,192 tokens: any of no fewer is too. Between them, in another mode or at
+    another hidden size nothing is decided, and a contradiction decides nothing either."""
+    measured = {_signature(True, 1, 1024): True, _signature(True, 1, 8192): False}
+    assert cuda_graphs.judged(measured, _signature(True, 1, 512, mask=(3, 4))) is True
+    assert cuda_graphs.judged(measured, _signature(True, 2, 512)) is True  # 1,024 tokens
+    assert cuda_graphs.judged(measured, _signature(True, 4, 4096)) is False
+    assert cuda_graphs.judged(measured, _signature(True, 1, 2048)) is None
+    assert cuda_graphs.judged(measured, _signature(False, 1, 512)) is None  # evaluation
+    assert cuda_graphs.judged(measured, _signature(True, 1, 512, hidden=128)) is None
+    contradicting = {**measured, _signature(True, 1, 256): False}
+    assert cuda_graphs.judged(contradicting, _signature(True, 1, 512)) is None
+    assert cuda_graphs.judged({}, _signature(True, 1, 512)) is None
