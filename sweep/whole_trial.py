@@ -380,8 +380,8 @@ def step_lines(result: dict) -> list[str]:
         "\n## Training steps\n",
         "| recipe | tokens/s | x plain | whole trial s | steps | median step s | "
         "new-shape steps | their s | their extra s | graphs captured (train / eval) | "
-        "capture s | eager calls |",
-        "|---" * 12 + "|",
+        "capture s | eager calls | probes (host-bound) / decided unprobed |",
+        "|---" * 13 + "|",
     ]
     base = result["plain"]["median"]["train_tokens_per_s"]
     for name, m in _each(result):
@@ -394,9 +394,19 @@ def step_lines(result: dict) -> list[str]:
             f"{_num(st.get('new_shape_steps'), 0)} | {_num(st.get('new_shape_s'), 1)} | "
             f"{_num(st.get('new_shape_extra_s'), 1)} | "
             f"{g.get('training', '-')} / {g.get('evaluation', '-')} | "
-            f"{_num(g.get('capture_s'), 1)} | {g.get('eager_calls', '-')} |"
+            f"{_num(g.get('capture_s'), 1)} | {g.get('eager_calls', '-')} | {_probes(g)} |"
         )
     return lines
+
+
+def _probes(graphs: dict) -> str:
+    """The graphs' probes, how many found the card waiting for the host, and how many
+    signatures they decided without a probe (src/cuda_graphs.judged)."""
+    probes = graphs.get("probes")
+    if probes is None:
+        return "-"
+    host = sum(bool(p[-1]) for p in probes)
+    return f"{len(probes)} ({host}) / {graphs.get('inferred', '-')}"
 
 
 def profile_lines(result: dict) -> list[str]:

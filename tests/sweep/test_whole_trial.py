@@ -56,7 +56,18 @@ def test_new_shape_steps_are_told_apart_from_replays():
 def test_variants_are_compared_with_plain_and_shown(tmp_path):
     runs = {
         "plain": [_outcome([1.0] * 4, [400] * 4)],
-        "trial": [_outcome([0.5] * 4, [400] * 4, {"training": 2, "capture_s": 0.1})],
+        "trial": [
+            _outcome(
+                [0.5] * 4,
+                [400] * 4,
+                {
+                    "training": 2,
+                    "capture_s": 0.1,
+                    "probes": [[True, 64, 1, 1, True]] * 2 + [[False, 512, 1, 3, False]],
+                    "inferred": 5,
+                },
+            )
+        ],
         "eager": [_outcome([0.4] * 4, [400] * 4)],
     }
     args = SimpleNamespace(study="squad", rounds=1, rank=16, cold=False)
@@ -71,6 +82,7 @@ def test_variants_are_compared_with_plain_and_shown(tmp_path):
     assert "| eager | 1,000 | 2.50 |" in text and "| trial | 800 | 2.00 |" in text
     assert "later trials pay) (s) | 13.0 | 11.0 | 1.18 |" in text
     assert "kernel caches filled by a short trial first" in text
+    assert "| 3 (2) / 5 |" in text  # probes, host-bound among them, decided without a probe
 
 
 @pytest.mark.parametrize("cold", [False, True])
