@@ -72,8 +72,13 @@ def test_live_table_in_a_terminal_and_status_watch(tmp_path, tiny_model, shared_
         assert seen.group(1) in ("training", "validating") and seen.group(3) == "300"
         assert "study tiny: 1 running" in screen
         # the finished trial: its permanent line, and the live table gone from the run's screen
-        done, screen = run.wait_for(re.compile(r"trial 0 complete accuracy="), 600)
-        assert not any(ROW.search(line) for line in screen.splitlines())
+        run.wait_for(re.compile(r"trial 0 complete accuracy="), 600)
+        # gone at the view's next refresh (a frame drawn just before the trial ended may land
+        # after its line on a loaded machine: seen once in CI)
+        end = time.monotonic() + 10
+        while any(ROW.search(line) for line in run.screen().splitlines()):
+            assert time.monotonic() < end, run.screen()
+            time.sleep(0.3)
     finally:
         run.close()
         if watch:
