@@ -41,6 +41,7 @@ with full fine-tuning each graph would hold a copy of its layer's weight gradien
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 
 import torch
@@ -321,10 +322,7 @@ def judged(measured: dict, signature: tuple) -> bool | None:
 
 def _tokens_and_kind(signature: tuple) -> tuple[int, tuple]:
     gradients, shape, *rest = signature
-    tokens = 1
-    for size in shape[:-1]:
-        tokens *= size
-    return tokens, (gradients, shape[-1], *rest[:-1])  # the last: the other tensors' shapes
+    return math.prod(shape[:-1]), (gradients, shape[-1], *rest[:-1])  # rest[-1]: other shapes
 
 
 class GraphedLayer:

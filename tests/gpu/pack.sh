@@ -16,7 +16,7 @@ nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 1000
   > "$out/nvml-$tag.csv" & smi=$!
 # what bounds packed trials: the card's busy share (a kernel running, of any size) and the host
 # cores' (user + system %), a line a second stamped with the epoch second
-while :; do  # (not piped from nvidia-smi -lms or vmstat: both buffer their lines in a pipe)
+while :; do  # stamped as each line is taken (vmstat, piped, held its lines back in a buffer)
   echo "$EPOCHSECONDS, $(nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits | head -1)"
   sleep 1
 done > "$out/util-gpu-$tag.csv" & util=$!
