@@ -43,9 +43,12 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from functools import partial
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from src import fused_lora
 
 MAX_SHAPES = 16  # graphs kept per layer: each shape's pair holds its static buffers
 PROBE_AT = 2  # the sight of a new signature that is timed (0: capture at first sight, untimed)
@@ -102,22 +105,25 @@ def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
 class Eager:
     """The layer run as plain code: forward without autograd, backward recomputes it."""
 
-    def __init__(self, run, params, autocast):
-        self.run, self.params, self.autocast = run, params, autocast
+    def __init__(self, run, params, autocast, keep: bool = False):
+        self.run, self.params, self.autocast, self.keep = run, params, autocast, keep
 
     def forward(self, hidden):
         return self.run(hidden)
 
     def backward(self, hidden, grad):
         x = hidden.detach().requires_grad_()
-        return _recompute_grads(self.run, x, self.params, grad, self.autocast)
+        return _recompute_grads(self.run, x, self.params, grad, self.autocast, self.keep)
 
 
-def _recompute_grads(run, x, params, grad, autocast) -> tuple:
+def _recompute_grads(run, x, params, grad, autocast, keep: bool = False) -> tuple:
     """Run the layer again on the leaf `x` under the forward's autocast and return the
-    gradients of `x` and of `params` (zeros for a parameter the output does not reach)."""
+    gradients of `x` and of `params` (zeros for a parameter the output does not reach).
+    `keep`: its 4-bit weights dequantized once for both (`fused_lora.weights_kept`)."""
     with torch.enable_grad(), _autocast(x.device, autocast):
-        grads = torch.autograd.grad(run(x), [x, *params], grad, allow_unused=True)
+        with fused_lora.weights_kept(keep):
+            out = run(x)
+        grads = torch.autograd.grad(out, [x, *params], grad, allow_unused=True)
     param_grads = [
         torch.zeros_like(p) if g is None else g for g, p in zip(grads[1:], params, strict=True)
     ]
@@ -157,22 +163,19 @@ class Graphs:
     live in the signature's `Statics`, shared by all layers (their replays never overlap and
     each output is copied out at once); only the LoRA gradients are the layer's own."""
 
-    def __init__(self, run, params, autocast, statics: Statics, shared: GraphSet, warm: bool):
+    def __init__(self, run, params, autocast, statics: Statics, shared: GraphSet, warm: bool,
+                 keep: bool = False):  # fmt: skip
         self.statics = statics
+        recompute = partial(_recompute_grads, run, statics.hidden, params, statics.grad_out,
+                            autocast, keep)  # fmt: skip
         if not warm:
-            _warm_up(
-                shared,
-                statics.hidden.device,
-                lambda: _recompute_grads(run, statics.hidden, params, statics.grad_out, autocast),
-            )
+            _warm_up(shared, statics.hidden.device, recompute)
         self.forward_graph = _capture_forward(run, autocast, statics, shared)
         self.backward_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(
             self.backward_graph, pool=shared.pool, capture_error_mode="thread_local"
         ):
-            grad_in, self.grad_params = _recompute_grads(
-                run, statics.hidden, params, statics.grad_out, autocast
-            )
+            grad_in, self.grad_params = recompute()
             statics.grad_in.copy_(grad_in)
 
 
@@ -331,8 +334,8 @@ class GraphedLayer:
     `Checkpoint`, on graphs where the call can be keyed; evaluation without gradients
     replays a `ForwardGraph` where it can be keyed; anything else runs the layer."""
 
-    def __init__(self, layer, shared: GraphSet | None):
-        self.layer, self.shared = layer, shared
+    def __init__(self, layer, shared: GraphSet | None, keep: bool = False):
+        self.layer, self.shared, self.keep = layer, shared, keep  # keep: `_recompute_grads`
         self.params = [p for p in layer.parameters() if p.requires_grad]
         self.dropouts = [m for m in layer.modules() if isinstance(m, torch.nn.Dropout)]
         self.graphs: dict = {}  # training: signature -> Graphs
@@ -360,7 +363,7 @@ class GraphedLayer:
         graphs = self._graph(call, key, self.graphs, gradients=True)
         if graphs is not None:
             return Checkpoint.apply(Replay(graphs, call.sources), hidden, *self.params)
-        runner = Eager(call.run, self.params, call.autocast)
+        runner = Eager(call.run, self.params, call.autocast, self.keep)
         return self._eager(
             key, True, hidden, lambda: Checkpoint.apply(runner, hidden, *self.params)
         )
@@ -402,7 +405,7 @@ class GraphedLayer:
             run, warm = call.on(statics), (gradients, key) in shared.warm
             started = time.perf_counter()
             if gradients:
-                found = Graphs(run, self.params, call.autocast, statics, shared, warm)
+                found = Graphs(run, self.params, call.autocast, statics, shared, warm, self.keep)
             else:
                 found = ForwardGraph(run, call.autocast, statics, shared, warm)
             shared.stats["capture_s"] += time.perf_counter() - started
@@ -460,9 +463,10 @@ class _Call:
         return lambda x: self.run(x, statics.buffers)
 
 
-def install(layers: list, graphs: bool) -> int:
+def install(layers: list, graphs: bool, dequantize_once: bool = False) -> int:
     """Route the checkpointed decoder `layers` through `GraphedLayer`: on CUDA graphs when
     `graphs`, else the same checkpoint eagerly. Their own checkpointing goes off (this is it).
+    `dequantize_once`: each recomputation keeps its 4-bit weights dequantized for the backward.
     Returns how many layers. `speed.decompile_layers` takes them out again."""
     shared = GraphSet() if graphs and torch.cuda.is_available() else None
     count = 0
@@ -470,7 +474,7 @@ def install(layers: list, graphs: bool) -> int:
         if not getattr(layer, "gradient_checkpointing", False):
             continue
         layer.gradient_checkpointing = False
-        layer._compiled_call_impl = GraphedLayer(layer, shared)
+        layer._compiled_call_impl = GraphedLayer(layer, shared, dequantize_once)
         count += 1
     return count
 

@@ -15,9 +15,27 @@ autocast dtype when autocast is on (bf16 on the GPU), else in the adapter weight
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
+
+# > 0 while a checkpointed layer is recomputed for its backward with `dequantize_once`: its
+# LoRA layers keep the dequantized weight from the recomputation for the backward. A plain
+# counter: the recomputation's forward runs in the thread that entered `weights_kept`
+_KEPT = [0]
+
+
+@contextlib.contextmanager
+def weights_kept(on: bool = True):
+    """While on, a LoRA layer run for gradients keeps its dense base weight for its backward
+    (one layer at a time: inside a checkpointed layer's recomputation) instead of
+    dequantizing it again there."""
+    _KEPT[0] += bool(on)
+    try:
+        yield
+    finally:
+        _KEPT[0] -= bool(on)
 
 
 def quantized(base: torch.nn.Module) -> bool:
@@ -53,6 +71,8 @@ class LoRAFunction(torch.autograd.Function):
             y = torch.addmm(bias.to(xb.dtype), xb, weight.t())
         if quantized(base):
             y = y.to(x.dtype)  # as bitsandbytes does: the output in the input's dtype
+        keep = _KEPT[0] > 0 and ctx.needs_input_grad[0] and quantized(base)
+        kept = weight if keep else None  # else freed before the LoRA product
         del weight
         device = x.device.type  # the LoRA product in autocast's dtype, as PEFT's layer
         autocast = torch.is_autocast_enabled(device)
@@ -67,14 +87,14 @@ class LoRAFunction(torch.autograd.Function):
             y.addmm_(xa, b.t(), alpha=scale)
         else:
             y += (torch.mm(xa, b.t()) * scale).to(y.dtype)
-        ctx.save_for_backward(xl, mask, xa, a, b)
+        ctx.save_for_backward(xl, mask, xa, a, b, kept)
         ctx.base, ctx.scale, ctx.p, ctx.x_shape, ctx.x_dtype = base, scale, p, x.shape, x.dtype
         ctx.lora_dtypes = (lora_a.dtype, lora_b.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        xl, mask, xa, a, b = ctx.saved_tensors
+        xl, mask, xa, a, b, kept = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
         dyl = dy2.to(a.dtype)
         dxa = torch.mm(dyl, b).mul_(ctx.scale)  # [tokens, r]
@@ -84,9 +104,9 @@ class LoRAFunction(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             da = torch.mm(dxa.t(), xl).to(ctx.lora_dtypes[0])
         if ctx.needs_input_grad[0]:
-            weight = base_weight(ctx.base)
+            weight = base_weight(ctx.base) if kept is None else kept
             dx = torch.mm(dy2.to(weight.dtype), weight)
-            del weight
+            del weight, kept
             dl = torch.mm(dxa, a)
             if mask is not None:
                 dl = torch.ops.aten.native_dropout_backward(dl, mask, 1.0 / (1.0 - ctx.p))

@@ -48,6 +48,41 @@ def preload() -> None:
         import liger_kernel.transformers.monkey_patch  # noqa: F401
 
 
+# CUDA's context flags (cuda.h CUctx_flags): how a thread waiting for the card behaves
+CUDA_WAITS = {"auto": 0, "spin": 1, "yield": 2, "block": 4}
+
+
+def cuda_waits(mode: str | None) -> bool:
+    """How this process's threads wait for the GPU (`SWEEP_CUDA_WAIT`, set by the sweep for
+    trials that share the host): "block" sleeps until the card is done, "spin" keeps polling
+    a core, "auto" (CUDA's default) spins while the process has fewer CUDA contexts than the
+    host has cores, i.e. always for a trial. Packed trials each spin a core whenever they
+    wait, and those cores are what the other trials launch their kernels from. Must run
+    before the CUDA context exists; returns whether the flags were set. By hand: torch sets
+    no context flags and has no call for them (pytorch/pytorch#28224), so the driver's
+    primary-context call goes through ctypes."""
+    flags = CUDA_WAITS.get(mode or "")
+    if flags is None:
+        return False
+    import ctypes
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:  # no NVIDIA driver: nothing waits for a GPU
+        return False
+    count = ctypes.c_int()
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return False
+    set_flags = getattr(cuda, "cuDevicePrimaryCtxSetFlags_v2", None)
+    set_flags = set_flags or cuda.cuDevicePrimaryCtxSetFlags
+    done = True
+    for index in range(count.value):
+        device = ctypes.c_int()
+        done &= cuda.cuDeviceGet(ctypes.byref(device), index) == 0
+        done &= set_flags(device, flags) == 0
+    return bool(count.value) and done
+
+
 def fuse_kernels(model, kernels: str, compiled: bool = False) -> list[str]:
     """Swap in Liger's kernels on `model` (before PEFT wraps it); returns what was applied.
 

@@ -412,8 +412,9 @@ def adapt(model, tokenizer, source: str, kernels: list, params: dict, train_cfg:
         speed.checkpoint_share(model, train_cfg["checkpoint_share"]) if checkpointing else 0
     )
     compiled = speed.compile_layers(model, compile_)
+    once = train_cfg.get("dequantize_once", False)
     graphed = (
-        cuda_graphs.install(speed.decoder_layers(model), graphs=True)
+        cuda_graphs.install(speed.decoder_layers(model), graphs=True, dequantize_once=once)
         if graphs_on(train_cfg, method)
         else 0
     )
@@ -630,6 +631,7 @@ def serve(first: Path | None, trials: int) -> None:
     memory or a crash leave a process no later trial should inherit."""
     warm = Warm() if trials > 1 else None
     signal.signal(signal.SIGUSR1, on_stop)
+    speed.cuda_waits(os.environ.get("SWEEP_CUDA_WAIT"))  # before the CUDA context exists
     speed.preload()
     # what lives now lives as long as the process (modules; later the kept base): frozen out
     # of the cyclic collector, whose full passes otherwise walk all of it (~0.3-0.6 s each,

@@ -77,6 +77,9 @@ class Train:
     compile: bool = False  # torch.compile each decoder layer (CUDA only)
     cuda_graphs: bool = True  # checkpointed layers replayed as CUDA graphs (src/cuda_graphs.py)
     fused_lora: bool = True  # each LoRA layer as one autograd node (src/fused_lora.py)
+    # a recomputed layer's 4-bit weights dequantized once for its recomputation and backward
+    # (held meanwhile: one layer's 16-bit weights) instead of twice (src/fused_lora.py)
+    dequantize_once: bool = False
     cudnn_attention: bool = False  # cuDNN's SDPA kernel: a plan per new shape (src/speed.py)
     # bitsandbytes' optimizer step waiting for the card after every parameter, as the library
     # does; off: one wait a step where states are paged (src/speed.without_parameter_waits)

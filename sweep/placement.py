@@ -28,6 +28,7 @@ MARGIN = 1.25  # expected peak = learned peak x this
 # minus the CUDA context it measured at the start, and the context grows after that
 # (kernels loaded lazily, cuBLAS workspaces)
 CONTEXT_GIB = 1.0
+CUDA_WAIT = "SWEEP_CUDA_WAIT"  # spin | block | auto: how a trial process waits for its GPU
 
 
 @dataclasses.dataclass(eq=False)  # one object per running trial
@@ -46,6 +47,11 @@ class Slot:
             env["CUDA_VISIBLE_DEVICES"] = str(self.gpu)
         if self.threads:
             env["OMP_NUM_THREADS"] = str(self.threads)
+        if self.threads and self.gpu is not None:
+            # GPU trials sharing the host sleep while they wait for their card instead of
+            # spinning on a core another trial launches from (src/speed.cuda_waits); the
+            # user's own setting wins
+            env.setdefault(CUDA_WAIT, os.environ.get(CUDA_WAIT, "block"))
         return env
 
     def where(self) -> str:

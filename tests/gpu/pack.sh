@@ -5,11 +5,13 @@
 # SERIAL_TRIALS 0 skips the one-at-a-time run; GPUS like 0 or 0,1 (default 0). Each run gets a
 # study of its own (name suffixed with the GPU list), so runs never mix. The packed run goes
 # through the sweep's own CUDA MPS daemon (sweep/mps.py); MPS=off: time-sliced instead (study
-# suffixed -timesliced).
+# suffixed -timesliced). PER_GPU: --trials-per-gpu (default auto); TAG: a suffix for another
+# run's study (e.g. TAG=spin SWEEP_CUDA_WAIT=spin: packed trials spinning while they wait).
 set -u
 out=${1:?OUT_DIR}/pack; serial=${2:-2}; packed=${3:-16}; gpus=${4:-0}; mkdir -p "$out"
 cfg=tests/gpu/sweep-gpu.toml; data="data.dir=$PWD/data/gpu-sample"; tag=${gpus//,/-}; mps=auto
 [ "${MPS:-auto}" = off ] && { tag=$tag-timesliced; mps=off; }
+tag=$tag${TAG:+-$TAG}
 python3 -m src.random_qwen --shape 0.5B --tokenizer data/gpu-tokenizer \
   --out /tmp/qwen2.5-0.5b-random >/dev/null || exit 1
 nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 1000 \
@@ -35,7 +37,7 @@ t1=$SECONDS; e1=$EPOCHSECONDS
 # a study name per GPU list: a copy of the config beside it (same storage) with the study renamed
 copy=tests/gpu/pack-$tag.toml
 sed "s/^\[studies.gpu-pack\]/[studies.gpu-pack-$tag]/" $cfg > $copy
-python3 -m sweep run --study gpu-pack-$tag --config $copy --set "$data" --gpus $gpus --trials-per-gpu auto \
+python3 -m sweep run --study gpu-pack-$tag --config $copy --set "$data" --gpus $gpus --trials-per-gpu ${PER_GPU:-auto} \
   --mps $mps --n-trials $packed 2>&1 | grep -E "up to|MPS|^trial [0-9]+ (complete|fail|pruned)|rror"
 t2=$SECONDS; e2=$EPOCHSECONDS
 kill $smi $util $cpu 2>/dev/null

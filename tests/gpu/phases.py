@@ -66,6 +66,21 @@ def main(db: str, out: Path, studies: list[str]) -> None:
                 )
         total = [r["complete"] - r["launch"] for r in rows if r.get("complete")]
         print(f"  {'whole trial':30s} median {statistics.median(total):6.1f} s")
+        graphs = [g for trial in trials if (g := result(trial).get("graphs"))]
+        if graphs:  # what the CUDA graphs cost each trial (src/cuda_graphs.GraphSet.stats)
+            keys = ("capture_s", "training", "evaluation", "eager_calls", "inferred")
+            med = {k: statistics.median(g.get(k) or 0 for g in graphs) for k in keys}
+            probes = statistics.median(len(g.get("probes", [])) for g in graphs)
+            print(f"  graphs per trial (median): captured {med['training']:.0f} training + "
+                  f"{med['evaluation']:.0f} evaluation in {med['capture_s']:.1f} s, "
+                  f"{med['eager_calls']:.0f} eager calls, {probes:.0f} probes, "
+                  f"{med['inferred']:.0f} decided unprobed")  # fmt: skip
+
+
+def result(trial: optuna.trial.FrozenTrial) -> dict:
+    """The trial's result.json (empty where it wrote none)."""
+    path = Path(trial.user_attrs["trial_dir"]) / "result.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 if __name__ == "__main__":

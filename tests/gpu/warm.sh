@@ -2,6 +2,7 @@
 # issue 22 on the GPU machine: warm trial workers (0.5B shape, real SST-2 rows).
 #   bash tests/gpu/warm.sh OUT_DIR overhead   # 5 trials in one worker, then 2 fresh processes
 #   bash tests/gpu/warm.sh OUT_DIR pack       # 8 one at a time (fresh process each) vs 32 packed
+#   PACK_MORE=1: also 32 packed spinning while they wait, and 32 packed 24 at once
 set -u
 out=${1:?OUT_DIR}/warm; mkdir -p "$out"
 cfg=tests/gpu/sweep-gpu.toml; data="data.dir=$PWD/data/gpu-sample"; steps=${STEPS:-200}
@@ -18,6 +19,9 @@ overhead)
       --out "$out/fresh$i" 2>&1 | grep "recorded"
   done
   python3 tests/gpu/warm_compare.py "$out" | tee "$out/compare.txt" ;;
-pack)
-  bash tests/gpu/pack.sh "$out" 8 32 0 ;;
+pack)  # then the same 32 packed with their waits spinning (CUDA's default), and 24 at once
+  bash tests/gpu/pack.sh "$out" 8 32 0
+  [ -n "${PACK_MORE:-}" ] || exit 0
+  TAG=spin SWEEP_CUDA_WAIT=spin bash tests/gpu/pack.sh "$out" 0 32 0
+  TAG=24 PER_GPU=24 bash tests/gpu/pack.sh "$out" 0 32 0 ;;
 esac

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from src import cuda_graphs, models, speed, train_qlora
+from src import cuda_graphs, fused_lora, models, speed, train_qlora
 from tests.src.test_speed import _examples, _trial, random_b
 
 
@@ -45,6 +45,38 @@ def test_checkpoint_replays_dropout_and_gives_the_eager_gradients(tiny_model, tm
         assert all(layer._compiled_call_impl is None for layer in layers)
         assert all(layer.gradient_checkpointing for layer in layers)  # torch's, as before
         assert model(**batch).loss.item() == installed.item()
+
+
+def test_dequantize_once_gives_the_same_gradients_from_two_thirds_of_the_dequantizations(
+    tiny_model, tmp_path, monkeypatch
+):
+    """`dequantize_once`: a recomputed layer's LoRA layers keep the dense weight of their
+    recomputation for their backward. The same loss and gradients, bit for bit, and per
+    step two dequantizations of each 4-bit weight (forward, recomputation) instead of three;
+    nothing kept outside a recomputation."""
+    import bitsandbytes.functional as F
+
+    ids = torch.randint(100, 1000, (2, 16), generator=torch.Generator().manual_seed(3))
+    batch = {"input_ids": ids, "labels": ids}
+    real, calls = F.dequantize_4bit, []
+    monkeypatch.setattr(F, "dequantize_4bit", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    results = []
+    for once in (False, True):
+        torch.manual_seed(0)
+        model = _trial(tiny_model, tmp_path, dropout=0.3)
+        random_b(model)
+        cuda_graphs.install(speed.decoder_layers(model), graphs=False, dequantize_once=once)
+        calls.clear()
+        results.append((*_loss_and_grads(model, batch), len(calls)))
+    (want_loss, want, three), (got_loss, got, two) = results
+    assert got_loss == want_loss
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+    assert (three, two) == (3 * 14, 2 * 14)  # 7 linear layers in each of 2 decoder layers
+    with torch.no_grad(), fused_lora.weights_kept():  # no gradients: nothing to keep
+        calls.clear()
+        model(**batch)
+        assert len(calls) == 14
 
 
 @pytest.mark.parametrize(

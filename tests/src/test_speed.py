@@ -407,3 +407,49 @@ def test_validation_runs_at_its_own_batch_size_in_trials_only(tiny_model, tmp_pa
             )
             sizes[plain, val_batch] = trainer.args.per_device_eval_batch_size
     assert sizes == {(False, 0): 2, (False, 6): 6, (True, 0): 2, (True, 6): 2}
+
+
+class _Driver:
+    """libcuda.so.1 as ctypes would load it: the calls `speed.cuda_waits` makes, recorded."""
+
+    def __init__(self, devices: int):
+        self.devices, self.flags = devices, {}
+
+    def cuInit(self, flags):
+        return 0
+
+    def cuDeviceGetCount(self, count):
+        count._obj.value = self.devices
+        return 0
+
+    def cuDeviceGet(self, device, index):
+        device._obj.value = 100 + index
+        return 0
+
+    def cuDevicePrimaryCtxSetFlags_v2(self, device, flags):
+        self.flags[device.value] = flags
+        return 0
+
+
+@pytest.mark.parametrize("mode, flags", [("block", 4), ("spin", 1), ("auto", 0)])
+def test_cuda_waits_sets_every_visible_device_s_context_flags(monkeypatch, mode, flags):
+    import ctypes
+
+    driver = _Driver(devices=2)
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: driver)
+    assert speed.cuda_waits(mode)
+    assert driver.flags == {100: flags, 101: flags}
+
+
+def test_cuda_waits_leaves_the_default_without_a_mode_or_a_driver(monkeypatch):
+    import ctypes
+
+    def no_driver(name):
+        raise OSError(name)
+
+    assert not speed.cuda_waits(None) and not speed.cuda_waits("sometimes")
+    monkeypatch.setattr(ctypes, "CDLL", no_driver)
+    assert not speed.cuda_waits("block")
+    driver = _Driver(devices=0)
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: driver)
+    assert not speed.cuda_waits("block") and driver.flags == {}

@@ -104,6 +104,19 @@ def test_cpu_jobs_share_the_cores():
     assert p.take(("m", "qlora")) is not None
 
 
+def test_packed_gpu_trials_wait_for_the_card_asleep_unless_the_user_says(h200, monkeypatch):
+    monkeypatch.delenv("SWEEP_CUDA_WAIT", raising=False)
+    packed = _fill(Placement([0], 4, 1, 24.0, {}, cores=16), ("m", "qlora"))
+    assert [s.env()["SWEEP_CUDA_WAIT"] for s in packed] == ["block"] * 4
+    (alone,) = _fill(Placement([0], 1, 1, 24.0, {}, cores=16), ("m", "qlora"))
+    assert "SWEEP_CUDA_WAIT" not in alone.env()  # one trial: CUDA's default
+    monkeypatch.setenv("SWEEP_CUDA_WAIT", "spin")
+    assert (
+        _fill(Placement([0], 2, 1, 24.0, {}, cores=16), ("m", "qlora"))[0].env()["SWEEP_CUDA_WAIT"]
+        == "spin"
+    )
+
+
 def test_one_trial_at_a_time_keeps_the_environment():
     (slot,) = _fill(Placement(None, 1, 1, 24.0, {}), ("m", "qlora"))
     assert slot.env() == {}
