@@ -78,7 +78,8 @@ class Train:
     cuda_graphs: bool = True  # checkpointed layers replayed as CUDA graphs (src/cuda_graphs.py)
     fused_lora: bool = True  # each LoRA layer as one autograd node (src/fused_lora.py)
     # a recomputed layer's 4-bit weights dequantized once for its recomputation and backward
-    # (held meanwhile: one layer's 16-bit weights) instead of twice (src/fused_lora.py). On
+    # (held meanwhile: one layer's 16-bit weights) instead of twice, where the layers run
+    # through the trial's own checkpoint (`cuda_graphs`, CUDA; src/fused_lora.py). On
     # the H200, 7B SQuAD: training 15 % faster for a 10 % higher training peak (12.4 -> 13.6
     # GiB); 0.5B AlpacaEval: 9 % faster, +0.4 % (docs/bench/README.md, session 20)
     dequantize_once: bool = True
