@@ -25,6 +25,7 @@ from objectives import OBJECTIVES
 from sweep import space
 from sweep.config import Component, Config, Study
 from sweep.errors import ConfigError, unknown
+from sweep.placement import check_cuda_wait
 
 
 def before_run(cfg: Config, study: Study, storage_url: str | None) -> None:
@@ -55,6 +56,7 @@ def before_run(cfg: Config, study: Study, storage_url: str | None) -> None:
         raise unknown("model alias", judge["model"], cfg.models, f"{key}.eval.judge.model")
     if study.data.dir is not None and study.data.train_set is not None:
         check_data_dir(study.data.dir, (study.data.train_set,), f"{key}.data.train_set")
+    check_cuda_wait()
     url = storage_url or cfg.storage.optuna
     check_storage_url(url)
     for path in (cfg.storage.trials, cfg.storage.artifacts, _sqlite_path(cfg.storage.mlflow)):

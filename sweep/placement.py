@@ -20,7 +20,7 @@ import subprocess
 import threading
 
 from sweep import rows
-from sweep.errors import ConfigError
+from sweep.errors import ConfigError, unknown
 
 GIB = 1024**3
 MARGIN = 1.25  # expected peak = learned peak x this
@@ -28,7 +28,8 @@ MARGIN = 1.25  # expected peak = learned peak x this
 # minus the CUDA context it measured at the start, and the context grows after that
 # (kernels loaded lazily, cuBLAS workspaces)
 CONTEXT_GIB = 1.0
-CUDA_WAIT = "SWEEP_CUDA_WAIT"  # spin | block | auto: how a trial process waits for its GPU
+CUDA_WAIT = "SWEEP_CUDA_WAIT"  # how a trial process waits for its GPU (src/speed.cuda_waits)
+CUDA_WAIT_MODES = ("block", "spin", "yield", "auto")
 
 
 @dataclasses.dataclass(eq=False)  # one object per running trial
@@ -56,6 +57,13 @@ class Slot:
 
     def where(self) -> str:
         return socket.gethostname() + ("" if self.gpu is None else f":gpu{self.gpu}")
+
+
+def check_cuda_wait() -> None:
+    """The user's `SWEEP_CUDA_WAIT`, if set, is one the trial processes know."""
+    wait = os.environ.get(CUDA_WAIT)
+    if wait is not None and wait not in CUDA_WAIT_MODES:
+        raise unknown("mode", wait, CUDA_WAIT_MODES, CUDA_WAIT)
 
 
 def card_memory(index: int) -> tuple[float, float] | None:

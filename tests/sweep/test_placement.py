@@ -117,6 +117,14 @@ def test_packed_gpu_trials_wait_for_the_card_asleep_unless_the_user_says(h200, m
     )
 
 
+def test_a_misspelt_wait_mode_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("SWEEP_CUDA_WAIT", "blocking")
+    with pytest.raises(ConfigError, match="SWEEP_CUDA_WAIT: .*'blocking'.*did you mean 'block'"):
+        placement.check_cuda_wait()
+    monkeypatch.setenv("SWEEP_CUDA_WAIT", "spin")
+    placement.check_cuda_wait()
+
+
 def test_one_trial_at_a_time_keeps_the_environment():
     (slot,) = _fill(Placement(None, 1, 1, 24.0, {}), ("m", "qlora"))
     assert slot.env() == {}

@@ -84,3 +84,10 @@ def test_unwritable_trial_folder(project, capsys):
     cfg.write_text(cfg.read_text() + f'\n[storage]\ntrials = "{folder}/not-a-folder/trials"\n')
     line = _refused(folder, cfg, capsys)
     assert "cannot write" in line and "not-a-folder" in line
+
+
+def test_a_misspelt_cuda_wait_mode_in_the_environment(project, capsys, monkeypatch):
+    folder, cfg, _ = project
+    monkeypatch.setenv("SWEEP_CUDA_WAIT", "blocking")
+    line = _refused(folder, cfg, capsys)
+    assert "SWEEP_CUDA_WAIT" in line and "did you mean 'block'" in line
