@@ -50,8 +50,7 @@ class Slot:
             env["OMP_NUM_THREADS"] = str(self.threads)
         if self.threads and self.gpu is not None:
             # GPU trials sharing the host sleep while they wait for their card instead of
-            # spinning on a core another trial launches from (src/speed.cuda_waits); the
-            # user's own setting wins
+            # each spinning a core (src/speed.cuda_waits); the user's own setting wins
             env.setdefault(CUDA_WAIT, os.environ.get(CUDA_WAIT, "block"))
         return env
 
