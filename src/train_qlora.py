@@ -412,7 +412,7 @@ def adapt(model, tokenizer, source: str, kernels: list, params: dict, train_cfg:
         speed.checkpoint_share(model, train_cfg["checkpoint_share"]) if checkpointing else 0
     )
     compiled = speed.compile_layers(model, compile_)
-    once = train_cfg.get("dequantize_once", False)
+    once = train_cfg["dequantize_once"]  # the [train] default (sweep/config.py) is on
     graphed = (
         cuda_graphs.install(speed.decoder_layers(model), graphs=True, dequantize_once=once)
         if graphs_on(train_cfg, method)

@@ -23,7 +23,6 @@ mode = sys.argv[1]
 set_ = speed.cuda_waits(mode)
 x = torch.randn(8192, 8192, device="cuda")
 torch.cuda.synchronize()
-start = time.perf_counter()
 for _ in range(100):
     x = torch.tanh(x @ x)
 queued, cpu = time.perf_counter(), time.process_time()
