@@ -80,8 +80,9 @@ class Train:
     # a recomputed layer's 4-bit weights dequantized once for its recomputation and backward
     # (held meanwhile: one layer's 16-bit weights) instead of twice, where the layers run
     # through the trial's own checkpoint (`cuda_graphs`, CUDA; src/fused_lora.py). On
-    # the H200, 7B SQuAD: training 15 % faster for a 10 % higher training peak (12.4 -> 13.6
-    # GiB); 0.5B AlpacaEval: 9 % faster, +0.4 % (docs/bench/README.md, session 20)
+    # the H200, 7B SQuAD: training 4-15 % faster (the less, the slower the host) for a 8-10 %
+    # higher training peak (12.4 -> 13.6 GiB); 0.5B AlpacaEval: 9 % faster, +0.4 %
+    # (docs/bench/README.md, sessions 20 and 21)
     dequantize_once: bool = True
     cudnn_attention: bool = False  # cuDNN's SDPA kernel: a plan per new shape (src/speed.py)
     # bitsandbytes' optimizer step waiting for the card after every parameter, as the library
