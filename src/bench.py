@@ -201,12 +201,20 @@ def measure(recipe: dict, bench: dict, dataset, check_batch) -> tuple[dict, tupl
         "memory_kind": kind,
         "profile": profiled,
         "nvml_peak_gib": nvml,
-        "final_loss": trainer.state.log_history[-2].get("loss")
-        if len(trainer.state.log_history) > 1
-        else None,
+        "final_loss": final_loss(trainer),
     }
     del trainer, model
     return row, check
+
+
+def final_loss(trainer) -> float | None:
+    """The last step's training loss: the trial path keeps its curve in its ProgressCallback
+    (no Trainer logging), the plain recipe in the Trainer's log."""
+    progress = getattr(trainer, "progress", None)  # a TrialTrainer of the trial path
+    if progress is not None and progress.curve["train"]:
+        return progress.curve["train"][-1][2]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return losses[-1] if losses else None
 
 
 def fp32_check(bench: dict, check_batch, train_cfg: dict | None) -> tuple[float, dict]:

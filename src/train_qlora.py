@@ -495,6 +495,9 @@ def build_trainer(
         optim=train_cfg["optimizer"],  # paged AdamW; bitsandbytes falls back to non-paged on CPU
         eval_strategy="steps" if val_set is not None else "no",
         eval_steps=train_cfg["eval_every"],
+        # the plain recipe logs every step as a user's would; the trial path's step losses
+        # reach the curve without the Trainer's per-step wait (ProgressCallback.add_loss)
+        logging_strategy="steps" if plain else "no",
         logging_steps=1,
         save_strategy="no",
         report_to="none",
@@ -534,6 +537,7 @@ def build_trainer(
         callbacks=[progress, StopCheck()],
     )
     trainer.val_accuracy = val_accuracy
+    trainer.progress = None if plain else progress
     trainer.optimizer_waits = plain or train_cfg.get("optimizer_waits", False)
     return trainer, progress
 
@@ -558,6 +562,13 @@ class TrialTrainer(Trainer):
     validation_seconds = 0.0  # the validation losses' share of the training loop
     val_accuracy: Callable | None = None
     optimizer_waits = True  # False: bitsandbytes' step without its per-parameter syncs
+    progress: ProgressCallback | None = None  # takes each step's loss (no Trainer logging)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.progress is not None:
+            self.progress.add_loss(loss)
+        return loss
 
     def create_optimizer(self, model=None):
         fresh = self.optimizer is None
@@ -568,6 +579,8 @@ class TrialTrainer(Trainer):
 
     def evaluate(self, *args, **kwargs):
         started = time.perf_counter()
+        if self.progress is not None:  # the steps' losses before their validation's
+            self.progress.flush(wait=True)
         emit("validating", step=self.state.global_step)
         collate = self.data_collator
         if hasattr(collate, "evaluating"):  # labelled logits: always in validation

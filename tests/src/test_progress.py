@@ -33,3 +33,21 @@ def test_train_events_carry_the_gpu_peak_so_far_when_there_is_one(capsys):
     gpu, cpu = _events(capsys)
     assert gpu["gpu_gib"] == 5.432 and gpu["step"] == 3 and gpu["tokens"] == 96
     assert "gpu_gib" not in cpu
+
+
+def test_a_step_s_losses_are_summed_and_recorded_at_its_end(capsys):
+    """The trial path's micro-batch losses (`add_loss`) make one row and one train event at
+    the step's end, in order, as the Trainer's log of that step would."""
+    import torch
+
+    progress = ProgressCallback()
+    for step, losses in ((1, (0.25, 0.5)), (2, (1.0,))):
+        state = SimpleNamespace(global_step=step, num_input_tokens_seen=10 * step)
+        progress.on_step_begin(None, state, None)
+        for loss in losses:
+            progress.add_loss(torch.tensor(loss, dtype=torch.bfloat16))
+        progress.on_step_end(None, state, None)
+    progress.on_step_end(None, state, None)  # no loss added: nothing recorded
+    assert [row[:3] for row in progress.curve["train"]] == [[1, 10, 0.75], [2, 20, 1.0]]
+    events = _events(capsys)
+    assert [(e["step"], e["loss"], e["tokens"]) for e in events] == [(1, 0.75, 10), (2, 1.0, 20)]

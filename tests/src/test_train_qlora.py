@@ -166,3 +166,34 @@ def test_labelled_logits_train_the_same_trial(tmp_path, tiny_model, shared_data,
         for a, b in zip(on["curve"]["val"], off["curve"]["val"], strict=True):
             assert a[0] == b[0] and a[1] == pytest.approx(b[1], rel=1e-4)
         assert on["metrics"] == pytest.approx(off["metrics"], rel=1e-3)
+
+
+def test_step_losses_without_the_trainer_s_logging_are_the_ones_it_logs(
+    tmp_path, tiny_model, shared_data, monkeypatch
+):
+    """The trial path takes each step's loss from `training_step` (summed over micro-batches
+    in float32) instead of the Trainer's per-step logging, which waits for the card: with the
+    Trainer's logging switched back on in the same trial, every step's two losses are equal,
+    and the tokens and steps with them."""
+    from sweep import config, trial
+    from tests.conftest import write_config
+
+    arguments = train_qlora.TrainingArguments
+
+    def logging_on(**kwargs):
+        assert kwargs["logging_strategy"] == "no"  # the trial path does not log
+        return arguments(**kwargs | {"logging_strategy": "steps"})
+
+    monkeypatch.setattr(train_qlora, "TrainingArguments", logging_on)
+    path = write_config(tmp_path, tiny_model, shared_data)
+    cfg = config.load(path, ["train.micro_batch=2"], "tiny")  # 2 micro-batches a step
+    params = {"model": "tiny", "method": "qlora", "r": 4, "lora_alpha": 8.0, "lr": 1e-3}
+    folder = tmp_path / "trial"
+    folder.mkdir()
+    spec = trial.write_spec(cfg, cfg.studies["tiny"], params | {"dropout": 0.0}, folder)
+    train_qlora.main(spec)
+    rows = json.loads((folder / "result.json").read_text())["curve"]["train"]
+    taken, logged = rows[0::2], rows[1::2]
+    assert [row[0] for row in taken] == [row[0] for row in logged] == [1, 2, 3, 4]
+    for ours, theirs in zip(taken, logged, strict=True):
+        assert ours[:3] == theirs[:3] and ours[2] > 0
