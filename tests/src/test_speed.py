@@ -453,3 +453,13 @@ def test_cuda_waits_leaves_the_default_without_a_mode_or_a_driver(monkeypatch):
     driver = _Driver(devices=0)
     monkeypatch.setattr(ctypes, "CDLL", lambda name: driver)
     assert not speed.cuda_waits("block") and driver.flags == {}
+
+
+def test_the_sweep_knows_the_wait_modes_a_trial_process_knows():
+    """sweep/placement checks `SWEEP_CUDA_WAIT` without importing torch, so it names the
+    modes itself: they must be the ones src/speed.cuda_waits sets, and the variable the one
+    the trial process reads."""
+    from sweep import placement
+
+    assert set(placement.CUDA_WAIT_MODES) == set(speed.CUDA_WAITS)
+    assert f'os.environ.get("{placement.CUDA_WAIT}")' in inspect.getsource(train_qlora.serve)
