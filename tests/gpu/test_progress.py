@@ -24,6 +24,12 @@ def test_step_losses_arrive_from_the_card_in_order_and_the_host_does_not_wait():
     progress, want = ProgressCallback(), []
     x = torch.tanh(x @ x)  # cuBLAS set up (its first call waits) before the steps
     progress.on_train_begin(None, None, None)  # as a trial: the pinned slots, ahead
+    warm = SimpleNamespace(global_step=0, num_input_tokens_seen=0)  # one-off set-up (events)
+    progress.on_step_begin(None, warm, None)
+    progress.add_loss(x[0, 0])
+    progress.on_step_end(None, warm, None)
+    progress.flush(wait=True)
+    progress.curve["train"].clear()
     torch.cuda.synchronize()
     for step in range(1, 4):
         state = SimpleNamespace(global_step=step, num_input_tokens_seen=step)
