@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 import threading
@@ -75,6 +76,30 @@ def _reset_cpu_peak() -> bool:
         return False
 
 
+# glibc serves a freed large block's size from its heap from then on (its mmap threshold
+# follows the largest block freed, up to 32 MiB), and what a heap keeps depends on the order
+# blocks were freed in: the same demo trial (24 steps, SmolLM2-135M, 2 cores) recorded peak
+# RSS of 1.69-1.98 GiB in six fresh processes. With the threshold fixed at 1 MiB: 1.676 and
+# 1.682 GiB (at 512 KiB 1.682, 1.689; at 128 KiB 1.54 three times, but training 70 % slower
+# with every mid-sized block mapped anew), training as fast as before (docs/bench/README.md)
+MMAP_THRESHOLD = 1 << 20
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
+def fixed_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Fix glibc's mmap threshold (blocks at least `threshold` bytes are mapped and returned
+    to the system when freed) so that a CPU trial's peak RSS, its memory objective, measures
+    what it allocated rather than how the heap was left. A user's `MALLOC_MMAP_THRESHOLD_`
+    stands. By hand: Python has no call for mallopt, so it goes through ctypes. Returns
+    whether it was set (not glibc: False)."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
 class PeakMemory:
     """Start before loading the model; `phase()` when training ends (its peak is the trial's
     memory objective, what the configuration needs); `read()` at the end (the evaluation's).
@@ -101,6 +126,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._thread = threading.Thread(target=self._sample, args=(interval_s,), daemon=True)
             self._thread.start()
+        else:  # before the model is loaded: its blocks and the trial's follow the fixed rule
+            fixed_mmap_threshold()
 
     def _sample(self, interval_s: float) -> None:
         read = nvml_reader()
