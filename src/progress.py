@@ -47,10 +47,8 @@ class ProgressCallback(TrainerCallback):
         self._slot = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if torch.cuda.is_available() and self._host is None:
-            # allocated once, before the steps: pinned memory's first allocation waits for
-            # the card (measured on the H200), later copies into it do not
-            self._host = torch.empty(SLOTS, dtype=torch.float32, pin_memory=True)
+        if torch.cuda.is_available():  # before the steps: see `_slots`
+            self._slots()
         emit("train_begin")
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -67,18 +65,23 @@ class ProgressCallback(TrainerCallback):
             loss, self._loss = self._loss, None
             done = None
             if loss.is_cuda:  # copied when the card gets there; the host goes on
-                if self._host is None:
-                    self._host = torch.empty(SLOTS, dtype=torch.float32, pin_memory=True)
                 if len(self._pending) == SLOTS:  # every slot still awaited: take them
                     self.flush(wait=True)
-                host = self._host[self._slot % SLOTS]
+                host = self._slots()[self._slot % SLOTS]
                 self._slot += 1
                 host.copy_(loss, non_blocking=True)
                 loss, done = host, torch.cuda.Event()
                 done.record()
-            step = [state.global_step, int(state.num_input_tokens_seen), loss, self._step_s]
-            self._pending.append((*step, done))
+            tokens = int(state.num_input_tokens_seen)
+            self._pending.append((state.global_step, tokens, loss, self._step_s, done))
             self.flush(wait=False)
+
+    def _slots(self) -> torch.Tensor:
+        """The pinned slots, allocated once: pinned memory's first allocation waits for the
+        card (measured on the H200), later copies into it do not."""
+        if self._host is None:
+            self._host = torch.empty(SLOTS, dtype=torch.float32, pin_memory=True)
+        return self._host
 
     def add_loss(self, loss: torch.Tensor) -> None:
         """A micro-batch's loss (as the Trainer's `training_step` returns it); a step's are
@@ -89,13 +92,13 @@ class ProgressCallback(TrainerCallback):
     def flush(self, wait: bool) -> None:
         """Record the step losses that have arrived (`wait`: all of them, in order)."""
         while self._pending:
-            *step, done = self._pending[0]
+            step, tokens, loss, step_s, done = self._pending[0]
             if done is not None and not wait and not done.query():
                 return
             self._pending.popleft()
             if done is not None:
                 done.synchronize()
-            self.record(step[0], step[1], float(step[2]), step[3])
+            self.record(step, tokens, float(loss), step_s)
 
     def record(self, step: int, tokens: int, loss: float, step_s: float) -> None:
         """A training step's loss: into the curve, and out to the sweep (the live view)."""
