@@ -88,9 +88,10 @@ def summarize(prof, wall: float) -> dict:
 
 class Steps(TrainerCallback):
     """Profile optimizer steps [first, first + count) of a Trainer run, then list where the
-    step after them made the host wait for the GPU (torch's sync debug mode: each
-    synchronizing call's Python file and line, CUDA only); `summary` after (None where
-    training ended before the window closed)."""
+    step after them made the host wait for the GPU (torch's sync debug mode, from the end of
+    the last profiled step, so the next batch's fetch and copies count: each synchronizing
+    call's Python file and line, CUDA only); `summary` after (None where training ended
+    before the window closed)."""
 
     def __init__(self, first: int, count: int):
         self.first, self.last = first, first + count
@@ -101,17 +102,17 @@ class Steps(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step == self.first and self._window is None:
             self._window = Window().__enter__()
-        elif state.global_step == self.last and self.summary and torch.cuda.is_available():
-            self._caught = warnings.catch_warnings(record=True)
-            self._records = self._caught.__enter__()
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._window is not None and state.global_step >= self.last:
             self._window.__exit__(None, None, None)
             self.summary = self._window.summary | {"steps": [self.first, self.last]}
             self._window = None
+            if torch.cuda.is_available():
+                self._caught = warnings.catch_warnings(record=True)
+                self._records = self._caught.__enter__()
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
         elif self._caught is not None:
             torch.cuda.set_sync_debug_mode(0)
             self._caught.__exit__(None, None, None)

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import inspect
@@ -27,6 +28,7 @@ import sys
 
 import torch
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from src.data import IGNORE
 
@@ -184,15 +186,20 @@ def without_parameter_waits(optimizer) -> bool:
     """bitsandbytes' optimizers (0.50) call `torch.cuda.synchronize()` after every parameter's
     update (`Optimizer8bit.step`, `sync_gpu(p)`): ~400 waits a step for a 7B model's LoRA
     tensors, each leaving the card idle while the host prepares the next launch (1,574 device
-    syncs in 4 profiled 7B SQuAD steps, docs/bench/README.md). Their update kernels and the
-    paged states' prefetches go to the default stream, the stream the backward that made the
-    gradients ran on, so stream order already keeps every update after its gradient and before
-    the next forward. This runs the library's own step with the per-parameter wait left out
-    and its last one kept where states are paged (once a step: the library says paged
-    operations want it). The same waits are what an open upstream change removes
-    (bitsandbytes PR #2050, non-paged states); until a release has it, this is the one place
-    that does. Returns whether `optimizer` is one of bitsandbytes' (else it is left as it
-    is)."""
+    syncs in 4 profiled 7B SQuAD steps, docs/bench/README.md), and one more at the end of a
+    step where states are paged. Their update kernels and the paged states' prefetches
+    (`cudaMemPrefetchAsync` on stream 0, the legacy default stream torch's default stream is)
+    go where the backward that made the gradients ran, so stream order already keeps every
+    update after its gradient and before the next forward. The last wait ("all paged
+    operations are asynchronous") would matter only to a host reading the paged states, and
+    nothing does during training: the states are managed memory that only kernels and the
+    driver's page migrations touch, and saving copies through the stream. That wait made the
+    host idle at the end of every step and the card idle at the start of the next one while
+    the host ran the Trainer's bookkeeping, collated the batch and launched the forward
+    (docs/bench/README.md, session 22). This runs the library's own step with every wait left
+    out. The per-parameter waits are what an open upstream change removes (bitsandbytes PR
+    #2050, non-paged states); until a release has it, this is the one place that does.
+    Returns whether `optimizer` is one of bitsandbytes' (else it is left as it is)."""
     try:
         from bitsandbytes.optim import optimizer as bnb_optimizer
     except ImportError:
@@ -208,12 +215,9 @@ def without_parameter_waits(optimizer) -> bool:
         wait = bnb_optimizer.sync_gpu
         bnb_optimizer.sync_gpu = _no_wait
         try:
-            loss = library_step(*args, **kwargs)
+            return library_step(*args, **kwargs)
         finally:
             bnb_optimizer.sync_gpu = wait
-        if optimizer.is_paged and torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return loss
 
     optimizer.step = step
     return True
@@ -319,14 +323,53 @@ def varlen_check(device: str) -> float:
 
 def register_packed_attention() -> None:
     """transformers' attention registry is the place it offers for this (AttentionInterface);
-    the SDPA function it held stays the fallback."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
-
+    the SDPA function it held stays the fallback. Registered as "sdpa" (every model of the
+    process) and as `MASKLESS` (see `maskless`)."""
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
     if not getattr(sdpa, "packed", False):
         attention = functools.partial(packed_attention, sdpa=sdpa)
         attention.packed = True
         AttentionInterface.register("sdpa", attention)
+        AttentionInterface.register(MASKLESS, attention)
+
+
+MASKLESS = "sdpa_packed"  # packed attention under a name that has no mask function
+
+
+@contextlib.contextmanager
+def maskless(model, packed: bool):
+    """Run `model`'s forward on a packed row without the mask transformers would build for it.
+
+    Given restarting position ids and no mask, transformers' masking (create_causal_mask)
+    finds the packed sequences, builds the block-diagonal causal mask on the card, and reads
+    back whether the row was packed at all (`find_packed_sequence_indices`, a `.all()`): the
+    host waited there for the previous step's last kernels at the start of every forward,
+    and then the card idled while the host built the mask and launched the forward. Packed
+    attention never reads that mask (the row's boundaries are in the batch). An attention
+    implementation with no mask function registered is the case transformers' masking skips
+    ("custom attention without equivalent mask creation: we don't need a mask"), so the
+    forward runs under `MASKLESS` (the same function as "sdpa" here) and the implementation
+    goes back afterwards: validation accuracy and generation use the same model with padded
+    batches and masks. A recomputed (checkpointed) layer gets the mask its forward got (none)
+    and reaches packed attention through "sdpa". Nothing changes where `packed` is false, the
+    model does not run "sdpa", packed attention is not registered, or some layer could not
+    run on the varlen kernel (attention dropout, sliding windows: they keep the mask)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    if not (
+        packed
+        and config._attn_implementation == "sdpa"
+        and MASKLESS in ALL_ATTENTION_FUNCTIONS
+        and not getattr(config, "attention_dropout", 0.0)
+        and "sliding_attention" not in (getattr(config, "layer_types", None) or ())
+    ):
+        yield
+        return
+    config._attn_implementation = MASKLESS
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
 
 
 def packed_attention(
@@ -361,6 +404,11 @@ def packed_attention(
         varlen_attn, causal, gqa, has_scale = found
         default_scale = query.shape[-1] ** -0.5
         usable = has_scale or scaling is None or abs(scaling - default_scale) < 1e-9
+    if not usable and bounds is not None and attention_mask is None:  # `maskless`: no mask
+        raise ValueError(
+            "a packed row reached an attention that torch's varlen kernel cannot run here "
+            "(attention dropout, a sliding window or another scale) without a mask for SDPA"
+        )
     if not usable:
         return sdpa(
             module,

@@ -513,6 +513,10 @@ def build_trainer(
         logging_nan_inf_filter=plain,
         disable_tqdm=True,
         dataloader_pin_memory=cuda,
+        # each batch's copies to the card queued behind the previous step's kernels instead of
+        # waiting for them (a blocking copy from pinned memory waits for the stream), as
+        # accelerate offers for pinned batches; the plain recipe keeps the defaults
+        accelerator_config={"non_blocking": cuda and not plain},
     )
     progress = ProgressCallback(memory)
     trainer = TrialTrainer(
@@ -569,6 +573,11 @@ class TrialTrainer(Trainer):
         if self.progress is not None:
             self.progress.add_loss(loss)
         return loss
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        """A packed row's forward without transformers' mask (`speed.maskless`)."""
+        with speed.maskless(model, speed.BOUNDARIES in inputs):
+            return super().compute_loss(model, inputs, *args, **kwargs)
 
     def create_optimizer(self, model=None):
         fresh = self.optimizer is None

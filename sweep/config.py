@@ -85,8 +85,8 @@ class Train:
     # (docs/bench/README.md, sessions 20 and 21)
     dequantize_once: bool = True
     cudnn_attention: bool = False  # cuDNN's SDPA kernel: a plan per new shape (src/speed.py)
-    # bitsandbytes' optimizer step waiting for the card after every parameter, as the library
-    # does; off: one wait a step where states are paged (src/speed.without_parameter_waits)
+    # bitsandbytes' optimizer step waiting for the card after every parameter (and at the end
+    # where states are paged), as the library does; off: no wait (src/speed.py)
     optimizer_waits: bool = False
     target_modules: str = "all-linear"  # PEFT: every linear layer except the output head
     compute_dtype: str = "auto"  # bfloat16 on CUDA, float32 on the CPU (bf16 matmul is slow there)

@@ -30,7 +30,8 @@ def _loss_and_grads(model, batch: dict) -> tuple[float, torch.Tensor]:
 def test_packed_attention_gives_the_masked_loss_and_gradients(tmp_path, monkeypatch, graphs):
     """The 0.5B shape (grouped key/value heads), a row of five examples padded to a bucket:
     varlen attention over the boundaries against SDPA under the block-diagonal mask, eager
-    layers and CUDA graphs: bf16 agreement, and the packed call really took the varlen path."""
+    layers and CUDA graphs: bf16 agreement, and the packed call really took the varlen path;
+    without transformers' mask (`speed.maskless`, a trial's forward) the same."""
     assert speed.install_packed_attention()
     folder = os.environ["SWEEP_GPU_MODEL"]
     params = {"method": "qlora", "r": 16, "lora_alpha": 32, "dropout": 0.0}
@@ -62,6 +63,8 @@ def test_packed_attention_gives_the_masked_loss_and_gradients(tmp_path, monkeypa
     loss_p, grads_p = _loss_and_grads(model, packed)
     assert calls  # eager: every layer's call; graphs: the captures
     loss_p2, _ = _loss_and_grads(model, packed)  # graphs: a replay
+    with speed.maskless(model, True):  # as a trial runs it: no mask built (its backward after)
+        loss_n, grads_n = _loss_and_grads(model, packed)
     # the padded batch (plain causal attention, no packing) as the reference of both
     padded = speed.collator(tokenizer, packing=False, cuda=True)(examples)
     loss_r, grads_r = _loss_and_grads(model, padded)
@@ -81,6 +84,7 @@ def test_packed_attention_gives_the_masked_loss_and_gradients(tmp_path, monkeypa
     assert errors["masked"] < 5e-2, errors
     assert errors["packed"] < max(1.5 * errors["masked"], 1e-2), errors
     assert loss_p2 == pytest.approx(loss_p, rel=1e-5)
+    assert loss_n == pytest.approx(loss_p, rel=1e-5) and rel(grads_n, grads_p) < 1e-3, errors
 
 
 def _direct(q, k, v, cu, n):

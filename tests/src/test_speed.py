@@ -303,38 +303,98 @@ def test_packed_attention_stays_off_where_the_kernel_fails_its_check(monkeypatch
     assert ("Ampere" if check == "raises" else "1.160") in said[0]
 
 
-def test_packed_attention_gives_the_padded_loss_and_gradients(tiny_model, tmp_path, monkeypatch):
-    """A concatenated row through the packed attention (its boundaries carried by the batch
-    from the collator through PEFT and the model to every attention call) gives the padded
-    batch's loss and gradients. torch's flash kernel is CUDA-only: on the CPU a per-sequence
-    SDPA stands in for it, so this checks the plumbing and the boundaries; tests/gpu checks
-    the kernel."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+@pytest.fixture
+def packed_on_cpu(monkeypatch):
+    """Packed attention registered in this test only, the per-sequence SDPA standing in for
+    torch's flash kernel (CUDA-only): the registry is restored afterwards."""
+    from transformers.modeling_utils import AttentionInterface
 
+    monkeypatch.setattr(
+        AttentionInterface, "_global_mapping", dict(AttentionInterface._global_mapping)
+    )
+    monkeypatch.setattr(
+        speed, "_varlen", lambda: (_reference_varlen, {"window_size": (-1, 0)}, True, True)
+    )
+    monkeypatch.setattr(speed, "DEVICES", {"cpu"})
+    _reference_varlen.calls = 0
+    speed.register_packed_attention()
+
+
+def _packed_and_padded(tiny_model, tmp_path):
     model = _trial(tiny_model, tmp_path)
     random_b(model)
     tokenizer = models.load_tokenizer(str(tiny_model))
     examples = _examples([7, 19, 12])
     packed = speed.collator(tokenizer, packing=True, cuda=False, bucket=True, packed=True)(examples)
+    padded = speed.collator(tokenizer, packing=False, cuda=False)(examples)
+    return model, tokenizer, packed, padded
+
+
+def test_packed_attention_gives_the_padded_loss_and_gradients(tiny_model, tmp_path, packed_on_cpu):
+    """A concatenated row through the packed attention (its boundaries carried by the batch
+    from the collator through PEFT and the model to every attention call) gives the padded
+    batch's loss and gradients. torch's flash kernel is CUDA-only: on the CPU a per-sequence
+    SDPA stands in for it, so this checks the plumbing and the boundaries; tests/gpu checks
+    the kernel."""
+    model, _, packed, padded = _packed_and_padded(tiny_model, tmp_path)
     # 38 tokens padded to 64 (one more sequence), boundaries padded with empty sequences
     assert packed["input_ids"].shape == (1, 64)
     assert packed[speed.BOUNDARIES].tolist() == [0, 7, 26, 38, 64] + [64] * 11
-    padded = speed.collator(tokenizer, packing=False, cuda=False)(examples)
-    _reference_varlen.calls = 0
-    monkeypatch.setattr(
-        speed, "_varlen", lambda: (_reference_varlen, {"window_size": (-1, 0)}, True, True)
-    )
-    monkeypatch.setattr(speed, "DEVICES", {"cpu"})
-    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    speed.register_packed_attention()
-    try:
-        (loss_a, grads_a), (loss_b, grads_b) = _losses_and_grads(model, padded, packed)
-    finally:
-        AttentionInterface.register("sdpa", sdpa)
+    (loss_a, grads_a), (loss_b, grads_b) = _losses_and_grads(model, padded, packed)
     assert _reference_varlen.calls == 2  # the packed row's forward, once per layer
     assert loss_b == pytest.approx(loss_a, rel=1e-5)
     for a, b in zip(grads_a, grads_b, strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)  # fp32 sums in another order
+
+
+def test_a_trial_s_packed_rows_skip_transformers_mask(
+    tiny_model, tmp_path, packed_on_cpu, monkeypatch
+):
+    """The trial's loss on a packed row (`TrialTrainer.compute_loss`) runs without the mask
+    transformers builds for restarting positions, and without its check of the row (a wait
+    for the card): the same loss and gradients as with them, the implementation "sdpa"
+    again afterwards; a batch without boundaries (stacked equal lengths) as the model gives it."""
+    from datasets import Dataset
+    from transformers import masking_utils
+
+    model, tokenizer, packed, _ = _packed_and_padded(tiny_model, tmp_path)
+    checks = []
+    find = masking_utils.find_packed_sequence_indices
+    monkeypatch.setattr(
+        masking_utils, "find_packed_sequence_indices", lambda *a: (checks.append(1), find(*a))[1]
+    )
+    rows = Dataset.from_list([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}] * 2)
+    trainer, _ = train_qlora.build_trainer(
+        model, tokenizer, rows, None, _train_cfg(max_steps=1, batch_size=2), 1e-3, tmp_path
+    )
+    ((masked, grads_a),) = _losses_and_grads(model, packed)
+    assert checks, "transformers no longer checks packed rows: this test checks nothing"
+    checks.clear()
+    loss = trainer.compute_loss(model, dict(packed))
+    loss.backward()
+    grads_b = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    assert checks == [] and _reference_varlen.calls == 4
+    assert float(loss) == pytest.approx(masked, rel=1e-6)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert model.get_base_model().config._attn_implementation == "sdpa"
+    stacked = speed.collator(tokenizer, packing=True, cuda=False, packed=True)(_examples([9, 9]))
+    assert speed.BOUNDARIES not in stacked
+    with torch.no_grad():
+        assert float(trainer.compute_loss(model, dict(stacked))) == float(model(**stacked).loss)
+
+
+def test_a_packed_row_without_a_mask_never_falls_back_to_sdpa(packed_on_cpu):
+    """Where the varlen kernel cannot take a packed row (here: attention dropout in
+    training), a row without a mask is an error, not attention across its sequences."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    module = type("Layer", (), {"training": True})()
+    q = torch.randn(1, 2, 8, 4)
+    bounds = torch.tensor([0, 3, 8], dtype=torch.int32)
+    attention = ALL_ATTENTION_FUNCTIONS[speed.MASKLESS]
+    with pytest.raises(ValueError, match="without a mask"):
+        attention(module, q, q, q, None, dropout=0.1, **{speed.BOUNDARIES: bounds})
 
 
 def test_only_liger_s_forward_counts_as_a_fused_loss(tiny_model, tmp_path):
