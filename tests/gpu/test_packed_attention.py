@@ -84,7 +84,12 @@ def test_packed_attention_gives_the_masked_loss_and_gradients(tmp_path, monkeypa
     assert errors["masked"] < 5e-2, errors
     assert errors["packed"] < max(1.5 * errors["masked"], 1e-2), errors
     assert loss_p2 == pytest.approx(loss_p, rel=1e-5)
-    assert loss_n == pytest.approx(loss_p, rel=1e-5) and rel(grads_n, grads_p) < 1e-3, errors
+    # no mask built: the same forward to the bit; the gradients as close to the padded batch
+    # as packed attention's own (flash's backward sums in a nondeterministic order: two runs
+    # of the same row differed by 0.8-0.9 % over 24 bf16 layers, session 22)
+    errors["maskless"] = rel(grads_n, grads_r)
+    assert loss_n == pytest.approx(loss_p, rel=1e-6), (loss_n, loss_p)
+    assert errors["maskless"] < max(1.5 * errors["masked"], 1e-2), errors
 
 
 def _direct(q, k, v, cu, n):

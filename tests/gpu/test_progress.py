@@ -22,16 +22,8 @@ def test_step_losses_arrive_from_the_card_in_order_and_the_host_does_not_wait():
     step's summed loss, in order, equal to the values on the card."""
     x = torch.randn(8192, 8192, device="cuda")
     progress, want = ProgressCallback(), []
-    x = torch.tanh(x @ x)  # cuBLAS set up (its first call waits) before the steps
     progress.on_train_begin(None, None, None)  # as a trial: the pinned slots, ahead
-    warm = SimpleNamespace(global_step=0, num_input_tokens_seen=0)  # one-off set-up (events)
-    progress.on_step_begin(None, warm, None)
-    progress.add_loss(x[0, 0])
-    progress.on_step_end(None, warm, None)
-    progress.flush(wait=True)
-    progress.curve["train"].clear()
-    torch.cuda.synchronize()
-    for step in range(1, 4):
+    for step in range(4):  # step 0: one-off set-ups (cuBLAS, the allocator's blocks, events)
         state = SimpleNamespace(global_step=step, num_input_tokens_seen=step)
         progress.on_step_begin(None, state, None)
         for _ in range(10):
@@ -41,6 +33,11 @@ def test_step_losses_arrive_from_the_card_in_order_and_the_host_does_not_wait():
             progress.add_loss(part)
         want.append(parts[0] + parts[1])
         progress.on_step_end(None, state, None)
+        if step == 0:  # on the H200 step 1 waited when step 0 had not run the same work (by my
+            progress.flush(wait=True)  # reading: the allocator taking its 256 MiB blocks)
+            progress.curve["train"].clear()
+            want.clear()
+            torch.cuda.synchronize()
     assert progress.curve["train"] == [], "the host waited for the card"
     progress.flush(wait=True)
     rows = progress.curve["train"]
