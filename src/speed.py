@@ -508,18 +508,20 @@ def collator(
     bucket: bool = False,
     packed: bool = False,
     labelled: bool = False,
-    labelled_training: bool = True,
+    fused: bool = False,
+    unfused_share: float = 0.0,
 ):
     """The trial's batches: padding-free (`packing`) or padded; `labelled`: logits only at the
-    positions that are scored (`labelled_logits`) in the validation loss, and in training too
-    where `labelled_training`."""
+    positions that are scored (`labelled_logits`) in the validation loss, and in training
+    too, where the model's training loss is `fused` (Liger's) only in batches scoring at most
+    `unfused_share` of their positions (`LabelledLogits`)."""
     if packing:
         collate = PaddingFree(tokenizer, bucket, packed)
     else:
         collate = DataCollatorForSeq2Seq(
             tokenizer, padding=True, pad_to_multiple_of=8 if cuda else None
         )
-    return LabelledLogits(collate, labelled_training) if labelled else collate
+    return LabelledLogits(collate, fused, unfused_share) if labelled else collate
 
 
 def labelled_logits(batch: dict) -> dict:
@@ -563,17 +565,29 @@ def fuses_loss(model) -> bool:
 
 class LabelledLogits:
     """A collator's batches with `labelled_logits` applied (`padding`: the inner count): in
-    validation (`evaluating`, set by the trainer), and in training where `training`.
+    validation (`evaluating`, set by the trainer) and in training. Where the model's training
+    loss is `fused` (Liger's linear cross-entropy, which never holds every position's logits),
+    a training batch is cut only where it scores at most `unfused_share` of its positions,
+    and then asks Liger's forward for the plain projection and transformers' loss on those
+    positions (`skip_logits=False`, Liger's switch); other batches keep the fused loss over
+    every position.
 
-    Measured on the H200 (docs/bench/README.md, session 14): with Liger's fused loss in
-    training, the labelled positions' gather made training slower (0.5B AlpacaEval 5,808 ->
-    4,577 tokens/s, 7B SQuAD 4,887 -> 4,591), while the validation loss, which materializes
-    every logit (Liger fuses only in training), set the 7B trial's peak: 16.87 -> 11.49 GiB.
-    Without the fused loss (the CPU) both phases gained (docs/objectives.md)."""
+    Why per batch: the fused loss runs the projection over every position in chunks (30
+    chunks at 1,900 tokens on the 7B shape: ~4 TFLOP a step, most of it on prompt positions
+    that are never scored) and makes the host wait for the card three times a step (the
+    count of scored tokens, and twice at the start of its backward; torch's sync debug mode,
+    docs/bench/README.md, session 22). A SQuAD or SST-2 batch scores ~50 of ~1,900 positions:
+    their logits are a few MiB. An AlpacaEval batch scores most of its answer-long rows:
+    their logits would be the largest activation, which is what the fused loss is for.
+    Measured before (session 14): the fused loss on the labelled positions alone made training
+    slower (0.5B AlpacaEval 5,808 -> 4,577 tokens/s, 7B SQuAD 4,887 -> 4,591), while the
+    validation loss, which materializes every logit (Liger fuses only in training), set the
+    7B trial's peak: 16.87 -> 11.49 GiB. Without the fused loss (the CPU) both phases gained
+    (docs/objectives.md)."""
 
-    def __init__(self, collate, training: bool = True):
+    def __init__(self, collate, fused: bool = False, unfused_share: float = 0.0):
         self.collate = collate
-        self.training = training
+        self.fused, self.unfused_share = fused, unfused_share
         self.evaluating = False
 
     @property
@@ -582,4 +596,11 @@ class LabelledLogits:
 
     def __call__(self, features: list[dict]) -> dict:
         batch = self.collate(features)
-        return labelled_logits(batch) if self.training or self.evaluating else batch
+        if self.evaluating or not self.fused:
+            return labelled_logits(batch)
+        cut = labelled_logits(dict(batch))
+        kept = cut.get("logits_to_keep")
+        if kept is None or len(kept) > self.unfused_share * batch["input_ids"].shape[-1]:
+            return batch  # the fused loss over every position
+        cut["skip_logits"] = False
+        return cut

@@ -536,7 +536,8 @@ def build_trainer(
             and train_cfg.get("packed_attention", False)
             and speed.install_packed_attention(),
             train_cfg.get("labelled_logits", False) and speed.keeps_logits(model),
-            not speed.fuses_loss(model),
+            speed.fuses_loss(model),
+            train_cfg.get("unfused_share", 0.0),
         ),
         callbacks=[progress, StopCheck()],
     )

@@ -72,6 +72,11 @@ class Train:
     # logits only at the positions followed by a labelled (answer) token: in the validation
     # loss always, in training where the loss is not fused (src/speed.py)
     labelled_logits: bool = True
+    # ... and under Liger's fused training loss in batches that score at most this share of
+    # their positions (their logits alone, transformers' loss: no fused chunks over every
+    # position, none of its waits for the card; SQuAD and SST-2 batches score ~3 %); 0: the
+    # fused loss in every training batch (src/speed.LabelledLogits)
+    unfused_share: float = 0.0625
     # torch's varlen flash attention on packed rows (CUDA, where its check passes; src/speed.py)
     packed_attention: bool = True
     compile: bool = False  # torch.compile each decoder layer (CUDA only)
@@ -473,8 +478,9 @@ def _check_values(study: Study, key: str) -> None:
         raise ConfigError(
             "must be >= 0 (0 = the training micro-batch)", f"{key}.train.val_batch_size"
         )
-    if not 0 <= train.checkpoint_share <= 1:
-        raise ConfigError("must lie in [0, 1]", f"{key}.train.checkpoint_share")
+    for name in ("checkpoint_share", "unfused_share"):
+        if not 0 <= getattr(train, name) <= 1:
+            raise ConfigError("must lie in [0, 1]", f"{key}.train.{name}")
     if train.compile and train.cuda_graphs:
         raise ConfigError(
             "compile and cuda_graphs exclude each other (both replace the decoder layers' call)",

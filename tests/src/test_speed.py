@@ -152,6 +152,25 @@ def test_labelled_logits_of_a_batch_without_labels_score_nothing():
     assert "logits_to_keep" not in speed.labelled_logits(every)
 
 
+@pytest.mark.parametrize("scored,cut", [(2, True), (3, False)])
+def test_a_fused_loss_keeps_every_position_where_many_are_scored(scored, cut):
+    """Under Liger's fused training loss a batch is cut only where it scores at most
+    `unfused_share` of its positions (then with the fused loss switched off for it); a batch
+    scoring more keeps every position for the fused loss; validation is always cut."""
+    labels = torch.full((1, 32), IGNORE)
+    labels[0, -scored:] = 7
+    collate = speed.LabelledLogits(lambda f: {"input_ids": torch.ones(1, 32), "labels": labels},
+                                   fused=True, unfused_share=3 / 32)  # fmt: skip
+    out = collate([])
+    assert ("logits_to_keep" in out) is cut and out.get("skip_logits") is (False if cut else None)
+    assert out["labels"] is not labels or not cut  # the collated batch itself left as it was
+    collate.evaluating = True
+    out = collate([])
+    assert (
+        out["logits_to_keep"].tolist() == list(range(31 - scored, 32)) and "skip_logits" not in out
+    )
+
+
 def test_equal_lengths_are_stacked_not_flattened(tiny_model):
     tokenizer = models.load_tokenizer(str(tiny_model))
     batch = speed.collator(tokenizer, packing=True, cuda=False)(_examples([9, 9]))

@@ -3,6 +3,7 @@ Trainer it builds."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -128,8 +129,12 @@ def test_the_learning_curve_is_kept_with_validation_accuracy(tmp_path, tiny_mode
 def test_labelled_logits_train_the_same_trial(tmp_path, tiny_model, shared_data, monkeypatch):
     """A whole trial (Trainer, its token count per batch, validation, evaluation) with logits
     only where an answer token follows, against every position's: the same losses (to float
-    rounding) and metric. Under a fused training loss (Liger's, stood in for here) only the
-    validation batches are cut: training keeps every position."""
+    rounding) and metric. Under a fused training loss (Liger's, stood in for here: its
+    forward's `skip_logits` switch) training batches are cut where few positions are scored
+    (`unfused_share`; these SST-2 rows score 1 in ~40), with the fused loss switched off for
+    them; at `unfused_share = 0` only the validation batches are cut."""
+    import transformers
+
     from sweep import config, trial
     from tests.conftest import write_config
 
@@ -137,17 +142,29 @@ def test_labelled_logits_train_the_same_trial(tmp_path, tiny_model, shared_data,
     params = {"model": "tiny", "method": "qlora", "r": 4, "lora_alpha": 8.0, "lr": 1e-3}
     saved, seen = {}, {}
     collate = speed.LabelledLogits.__call__
+    forward = transformers.Qwen2ForCausalLM.forward
 
     def spy(self, features):
         out = collate(self, features)
-        seen[name].append((self.evaluating, "logits_to_keep" in out))
+        seen[name].append((self.evaluating, "logits_to_keep" in out, out.get("skip_logits")))
         return out
 
+    @functools.wraps(forward)
+    def liger_like(self, *args, skip_logits=None, **kwargs):  # Liger's switch, taken here
+        return forward(self, *args, **kwargs)
+
     monkeypatch.setattr(speed.LabelledLogits, "__call__", spy)
-    runs = (("on", True, False), ("fused", True, True), ("off", False, False))
-    for name, labelled, fused in runs:
+    monkeypatch.setattr(transformers.Qwen2ForCausalLM, "forward", liger_like)
+    runs = (
+        ("on", True, False, "0.0625"),
+        ("fused", True, True, "0.0625"),
+        ("fused-always", True, True, "0"),
+        ("off", False, False, "0.0625"),
+    )
+    for name, labelled, fused, share in runs:
         monkeypatch.setattr(speed, "fuses_loss", lambda model, fused=fused: fused)
-        cfg = config.load(path, [f"train.labelled_logits={str(labelled).lower()}"], "tiny")
+        sets = [f"train.labelled_logits={str(labelled).lower()}", f"train.unfused_share={share}"]
+        cfg = config.load(path, sets, "tiny")
         folder = tmp_path / name
         folder.mkdir()
         spec = trial.write_spec(cfg, cfg.studies["tiny"], params | {"dropout": 0.0}, folder)
@@ -155,11 +172,14 @@ def test_labelled_logits_train_the_same_trial(tmp_path, tiny_model, shared_data,
         train_qlora.main(spec)
         saved[name] = json.loads((folder / "result.json").read_text())
     assert not seen["off"]
-    assert seen["on"] and all(kept for _, kept in seen["on"])
-    assert {evaluating for evaluating, _ in seen["fused"]} == {True, False}
-    assert all(evaluating == kept for evaluating, kept in seen["fused"])
+    assert seen["on"] and all(kept and skip is None for _, kept, skip in seen["on"])
+    for name in ("fused", "fused-always"):
+        assert {evaluating for evaluating, _, _ in seen[name]} == {True, False}
+    # few positions scored: every batch cut; training's with the fused loss switched off
+    assert all(kept and skip is (None if ev else False) for ev, kept, skip in seen["fused"])
+    assert all(ev == kept and skip is None for ev, kept, skip in seen["fused-always"])
     off = saved["off"]
-    for on in (saved["on"], saved["fused"]):
+    for on in (saved["on"], saved["fused"], saved["fused-always"]):
         assert on["status"] == off["status"] == "success"
         for a, b in zip(on["curve"]["train"], off["curve"]["train"], strict=True):
             assert a[:2] == b[:2] and a[2] == pytest.approx(b[2], rel=1e-4)

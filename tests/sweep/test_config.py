@@ -90,6 +90,10 @@ def test_data_dir_from_environment(monkeypatch, tmp_path: Path):
             "[studies.x]\ntask='sst2'\nmodels=['m']\nn_trials=1\ntrain={val_batch_size=-1}",
             "studies.x.train.val_batch_size: must be >= 0",
         ),
+        (
+            "[studies.x]\ntask='sst2'\nmodels=['m']\nn_trials=1\ntrain={unfused_share=1.5}",
+            "studies.x.train.unfused_share: must lie in [0, 1]",
+        ),
         ("[models.y]\nid='a'\npath='b'", "models.y: give exactly one of id, path, package"),
         ("[studies.x\n", "not valid TOML"),
     ],
