@@ -148,3 +148,66 @@ def test_a_probe_decides_for_the_signatures_of_its_kind_that_it_bounds():
     contradicting = {**measured, _signature(True, 1, 256): False}
     assert cuda_graphs.judged(contradicting, _signature(True, 1, 512)) is None
     assert cuda_graphs.judged({}, _signature(True, 1, 512)) is None
+
+
+class _Clock:
+    """Stands in for the host's clock and the card's events in `GraphSet.probed` (CPU): each
+    timed call takes the next (host ms, card ms) pair."""
+
+    def __init__(self, pairs):
+        self.pairs, self.now, self.card = list(pairs), 0.0, 0.0
+
+    def perf_counter(self):
+        return self.now
+
+    def run(self):
+        host, self.card = self.pairs.pop(0)
+        self.now += host / 1e3
+
+    def event(self, **kwargs):
+        clock = self
+
+        class Event:
+            def record(self):
+                pass
+
+            def synchronize(self):
+                pass
+
+            def elapsed_time(self, end):
+                return clock.card
+
+        return Event()
+
+
+@pytest.mark.parametrize(
+    ("gradients", "pairs", "worth"),
+    [
+        (True, [(7.4, 10.3)], True),  # training: one timing decides
+        (False, [(7.4, 10.3), (3.4, 7.9)], False),  # a stalled host, then the real one
+        (False, [(3.4, 7.9), (7.4, 10.3)], False),
+        (False, [(6.0, 6.5), (5.8, 6.2)], True),  # the card waited both times
+    ],
+)
+def test_a_validation_signature_is_judged_by_its_least_host_time(
+    monkeypatch, gradients, pairs, worth
+):
+    """A forward-only signature is timed at `EVAL_PROBES` sights and judged by the timing
+    with the least host time: one stall of the host (7.4 ms instead of 3.4, session 22's
+    7B validation probe) no longer captures graphs whose buffers raise the training peak."""
+    clock = _Clock(pairs)
+    monkeypatch.setattr(cuda_graphs.time, "perf_counter", clock.perf_counter)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "Event", clock.event)
+    shared = object.__new__(cuda_graphs.GraphSet)
+    shared.worth, shared.inferred, shared.sights = {}, {}, {}
+    shared.stats = {"probes": [], "inferred": 0}
+    signature = _signature(gradients, 1, 7680)
+    hidden, layer = torch.zeros(1, 7680, 64), object()
+    sights = cuda_graphs.PROBE_AT - 1 + len(pairs)
+    for sight in range(1, sights + 1):
+        assert shared.judge(signature) is None  # still probing: eager
+        timed = sight >= cuda_graphs.PROBE_AT
+        shared.probed(layer, signature, hidden, clock.run if timed else lambda: None)
+    assert shared.judge(signature) is worth and not clock.pairs
+    assert len(shared.stats["probes"]) == 1 and shared.stats["probes"][0][-1] is worth
