@@ -354,10 +354,12 @@ def maskless(model, packed: bool):
     and reaches packed attention through "sdpa". Nothing changes where `packed` is false, the
     model does not run "sdpa", packed attention is not registered, or some layer could not
     run on the varlen kernel (attention dropout, sliding windows: they keep the mask)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = base.config
+    base = getattr(model, "module", model)  # DataParallel's wrapper (the Trainer's, n_gpu > 1)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    config = getattr(base, "config", None)
     if not (
         packed
+        and config is not None
         and config._attn_implementation == "sdpa"
         and MASKLESS in ALL_ATTENTION_FUNCTIONS
         and not getattr(config, "attention_dropout", 0.0)

@@ -403,6 +403,19 @@ def test_a_trial_s_packed_rows_skip_transformers_mask(
         assert float(trainer.compute_loss(model, dict(stacked))) == float(model(**stacked).loss)
 
 
+def test_maskless_reaches_the_model_through_its_wrappers(tiny_model, tmp_path, packed_on_cpu):
+    """PEFT's wrapper, and DataParallel's around it (the Trainer's where a process sees
+    several GPUs): the model's own config is switched, and switched back."""
+    model = _trial(tiny_model, tmp_path)
+    config = model.get_base_model().config
+    for wrapped in (model, torch.nn.DataParallel(model)):
+        with speed.maskless(wrapped, True):
+            assert config._attn_implementation == speed.MASKLESS
+        assert config._attn_implementation == "sdpa"
+    with speed.maskless(torch.nn.Linear(2, 2), True):  # no config: nothing to switch
+        pass
+
+
 def test_a_packed_row_without_a_mask_never_falls_back_to_sdpa(packed_on_cpu):
     """Where the varlen kernel cannot take a packed row (here: attention dropout in
     training), a row without a mask is an error, not attention across its sequences."""
