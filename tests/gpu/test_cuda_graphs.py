@@ -122,9 +122,9 @@ class Matmul(torch.nn.Module):
 def test_a_signature_is_captured_only_where_the_card_waits_for_the_host(n, tokens, captured):
     """Each new signature runs eagerly, is timed at its `PROBE_AT`-th sight (forward-only:
     and the next, `EVAL_PROBES`) and captured at the next only where the card waited for the
-    launches: a tiny matmul (the host launches
-    slower than the card multiplies) is captured, a 16k x 8k x 8k one (~4 ms of card time
-    per call against microseconds of launching) never is, in training and in evaluation."""
+    launches: a tiny matmul (the host launches slower than the card multiplies) is captured,
+    a 16k x 8k x 8k one (~4 ms of card time per call against microseconds of launching)
+    never is, in training and in evaluation."""
     layer = Matmul(n).train()
     cuda_graphs.install([layer], graphs=True)
     x = torch.randn(tokens, n, device="cuda", requires_grad=True)
