@@ -163,6 +163,12 @@ def _warm_up(shared: GraphSet, device: torch.device, step) -> None:
 def _capture_forward(run, autocast, statics: Statics, shared: GraphSet) -> torch.cuda.CUDAGraph:
     """The layer's forward without autograd, from the static input to the static output."""
     graph = torch.cuda.CUDAGraph()
+    # torch.cuda.graph waits for the card and empties the caching allocator before each
+    # capture. Capturing without that (capture_begin on the side stream, as ReaLHF does for
+    # its recaptures) was measured in session 23 and dropped: captures took no less time (7B
+    # SQuAD 3.0-4.0 s for 195 graphs, 0.5B AlpacaEval 5.3 s against 3.9 s for 432) and the
+    # training peak, the memory objective, rose (0.5B 5.01 -> 6.34 GiB, 7B ~+0.4 GiB): the
+    # graphs' pool grew beside a cache that was no longer given back (docs/bench/README.md)
     with torch.cuda.graph(graph, pool=shared.pool, capture_error_mode="thread_local"):
         with torch.no_grad(), _autocast(statics.hidden.device, autocast):
             statics.out.copy_(run(statics.hidden))
@@ -502,6 +508,12 @@ def stats(model) -> dict:
         if isinstance(impl, GraphedLayer) and impl.shared is not None:
             return dict(impl.shared.stats, capture_s=round(impl.shared.stats["capture_s"], 3))
     return {}
+
+
+def captured(model) -> bool:
+    """Whether any graph of `model` has been captured (it holds its tensors' addresses)."""
+    counts = stats(model)
+    return bool(counts.get("training") or counts.get("evaluation"))
 
 
 def installed(model) -> bool:

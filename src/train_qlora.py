@@ -544,6 +544,7 @@ def build_trainer(
     trainer.val_accuracy = val_accuracy
     trainer.progress = None if plain else progress
     trainer.optimizer_waits = plain or train_cfg.get("optimizer_waits", False)
+    trainer.grouped_updates = not plain and train_cfg.get("grouped_updates", False)
     return trainer, progress
 
 
@@ -567,6 +568,7 @@ class TrialTrainer(Trainer):
     validation_seconds = 0.0  # the validation losses' share of the training loop
     val_accuracy: Callable | None = None
     optimizer_waits = True  # False: bitsandbytes' step without its per-parameter syncs
+    grouped_updates = False  # True: bitsandbytes' step one kernel per group (speed.py)
     progress: ProgressCallback | None = None  # takes each step's loss (no Trainer logging)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -585,6 +587,9 @@ class TrialTrainer(Trainer):
         optimizer = super().create_optimizer(model)
         if fresh and not self.optimizer_waits:
             speed.without_parameter_waits(optimizer)
+        # before any graph records the LoRA tensors' addresses, which grouping moves
+        if fresh and self.grouped_updates and not cuda_graphs.captured(self.model):
+            speed.grouped_updates(optimizer)
         return optimizer
 
     def evaluate(self, *args, **kwargs):

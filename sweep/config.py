@@ -93,6 +93,9 @@ class Train:
     # bitsandbytes' optimizer step waiting for the card after every parameter (and at the end
     # where states are paged), as the library does; off: no wait (src/speed.py)
     optimizer_waits: bool = False
+    # bitsandbytes' optimizer step as one update kernel per parameter group (the LoRA tensors
+    # as views of one flat tensor) where that gives the same numbers; off: one per tensor
+    grouped_updates: bool = True
     target_modules: str = "all-linear"  # PEFT: every linear layer except the output head
     compute_dtype: str = "auto"  # bfloat16 on CUDA, float32 on the CPU (bf16 matmul is slow there)
     system_prompt: str | None = None  # None keeps the chat template's default system prompt

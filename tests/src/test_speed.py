@@ -469,6 +469,92 @@ def test_the_optimizer_step_is_the_library_s_without_its_per_parameter_waits(nam
     assert not speed.without_parameter_waits(torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))]))
 
 
+def counted_updates(monkeypatch) -> list:
+    """bitsandbytes' update calls (8-bit blockwise and 32-bit), one entry each from now on."""
+    import bitsandbytes.functional as bnb_functional
+
+    calls = []
+    for fn in ("optimizer_update_8bit_blockwise", "optimizer_update_32bit"):
+        real = getattr(bnb_functional, fn)
+        monkeypatch.setattr(
+            bnb_functional, fn, lambda *a, _real=real, **k: (calls.append(1), _real(*a, **k))
+        )
+    return calls
+
+
+@pytest.mark.parametrize("name", ["PagedAdamW8bit", "PagedAdamW32bit", "AdamW8bit"])
+def test_grouped_updates_are_the_library_s_to_the_bit(name, monkeypatch):
+    """One update per group where it gives the same numbers: tensors of a multiple of 256
+    elements and at least 4,096 (8-bit states) join the group, the others (a 32-bit state, a
+    block cut by the tensor's end) keep their own update; three steps give the parameters of
+    the library's per-tensor step to the bit, through the same `Parameter` objects."""
+    import bitsandbytes.optim as bnb_optim
+
+    shapes = [(16, 256), (8, 100), (64, 64), (48, 300), (32, 512)]
+
+    def run(grouped: bool) -> tuple[list[torch.Tensor], int, int]:
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+        optimizer = getattr(bnb_optim, name)(params, lr=1e-2, weight_decay=0.1)
+        joined = speed.grouped_updates(optimizer) if grouped else 0
+        calls = counted_updates(monkeypatch)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            optimizer.step()
+        monkeypatch.undo()
+        assert all(p.grad is not None for p in params)  # the gradients stay where they were
+        return [p.detach().clone() for p in params], joined, len(calls)
+
+    (alone, none, per_tensor), (grouped, joined, fewer) = run(False), run(True)
+    assert none == 0 and per_tensor == 3 * len(shapes)
+    eight_bit = "8bit" in name
+    assert joined == (3 if eight_bit else 5)
+    assert fewer == 3 * ((1 + 2) if eight_bit else 1)
+    assert all(torch.equal(a, b) for a, b in zip(alone, grouped, strict=True))
+    stepped = getattr(bnb_optim, name)([torch.nn.Parameter(torch.ones(64, 64)) for _ in range(2)])
+    for p in stepped.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    stepped.step()
+    assert speed.grouped_updates(stepped) == 0  # states exist: left as it is
+    assert speed.grouped_updates(torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))])) == 0
+
+
+def test_grouped_updates_train_the_same_adapter(tiny_model, tmp_path):
+    """Three trial steps with and without grouped updates (32-bit states: the tiny model's
+    LoRA tensors are below 8-bit states' minimum size): the same LoRA weights to the bit, and
+    the adapter saves and loads back as trained."""
+    from datasets import Dataset
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    tokenizer = models.load_tokenizer(str(tiny_model))
+    rows = Dataset.from_list([{"input_ids": [1, 2, 3, 4], "labels": [-100, 2, 3, 4]}] * 8)
+    trained = {}
+    for grouped in (False, True):
+        torch.manual_seed(0)
+        model = _trial(tiny_model, tmp_path / str(grouped))
+        random_b(model, 0.1)
+        cfg = _train_cfg(max_steps=3, batch_size=2, optimizer="paged_adamw_32bit",
+                         grouped_updates=grouped)  # fmt: skip
+        trainer, _ = train_qlora.build_trainer(
+            model, tokenizer, rows, None, cfg, 1e-2, tmp_path / str(grouped)
+        )
+        trainer.train()
+        groups = trainer.optimizer.optimizer.param_groups  # accelerate's wrapper around it
+        lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        assert (sum(len(g["params"]) for g in groups) < len(lora)) == grouped
+        trained[grouped] = lora
+        model.save_pretrained(tmp_path / f"adapter-{grouped}")
+    assert trained[False].keys() == trained[True].keys()
+    assert all(torch.equal(trained[False][n], trained[True][n]) for n in trained[False])
+    saved = load_peft_weights(str(tmp_path / "adapter-True"))
+    set_peft_model_state_dict(model, saved)  # the saved tensors are the trained ones
+    now = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert all(torch.equal(now[n], trained[True][n]) for n in trained[True])
+    assert any(not torch.equal(t, torch.zeros_like(t)) for t in saved.values())
+
+
 def test_a_trial_s_optimizer_steps_without_waits_and_the_plain_recipe_s_with(tiny_model, tmp_path):
     from datasets import Dataset
 
