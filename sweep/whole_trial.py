@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -288,6 +289,7 @@ def summarize(runs: dict[str, list[dict]], args, study_cfg, shape: str) -> dict:
         "date": datetime.date.today().isoformat(),
         "command": "python -m sweep bench " + " ".join(sys.argv[2:]),
         "device": fast[0]["device"],
+        "host": host_cpu(),
         "rounds": args.rounds,
         "kernel_caches": "cold" if args.cold else "filled by a short trial first",
         "settings": {
@@ -317,6 +319,21 @@ def summarize(runs: dict[str, list[dict]], args, study_cfg, shape: str) -> dict:
     }
 
 
+def host_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The host's CPU model and core count: the plain recipe waits for the card ~400 times a
+    step, so its speed, and every ratio against it, moves with the host's (7B SQuAD plain:
+    2,741-3,510 training tokens/s across the H200 machines of sessions 22 and 23,
+    docs/bench/README.md)."""
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        lines = []
+    model = next(
+        (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None
+    )
+    return f"{model or 'unknown CPU'} x {os.cpu_count()} cores"
+
+
 def _medians(rows: list[dict]) -> dict:
     keys = ("wall_s", "after_start_s", "train_tokens_per_s", "mfu", "generated_tokens_per_s")
     out = {k: _median(rows, k) for k in keys}
@@ -333,7 +350,8 @@ def markdown(result: dict) -> str:
     plain, fast, ratio = result["plain"]["median"], result["trial"]["median"], result["ratio"]
     lines = [
         f"# Whole trial: {result['study']} on the Qwen2.5-{result['shape']} shape\n",
-        f"{result['date']} · {result['device']} · {result['rounds']} round(s), each trial a "
+        f"{result['date']} · {result['device']} · {result.get('host', 'host not recorded')} · "
+        f"{result['rounds']} round(s), each trial a "
         f"process of its own, alternating; kernel caches "
         f"{result.get('kernel_caches', 'cold')} · `{result['command']}`\n",
         "| | plain | trial | x |",

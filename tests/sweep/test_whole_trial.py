@@ -83,6 +83,14 @@ def test_variants_are_compared_with_plain_and_shown(tmp_path):
     assert "later trials pay) (s) | 13.0 | 11.0 | 1.18 |" in text
     assert "kernel caches filled by a short trial first" in text
     assert "| 3 (2) / 5 |" in text  # probes, host-bound among them, decided without a probe
+    assert result["host"].endswith(" cores") and result["host"] in text
+
+
+def test_the_host_cpu_is_named_from_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9654 96-Core Processor\n")
+    assert whole_trial.host_cpu(info).startswith("AMD EPYC 9654 96-Core Processor x ")
+    assert whole_trial.host_cpu(tmp_path / "missing").startswith("unknown CPU x ")
 
 
 @pytest.mark.parametrize("cold", [False, True])
