@@ -274,7 +274,7 @@ def grouped_updates(optimizer) -> int:
             if eight_bit and (n % BLOCK or n < optimizer.args.min_8bit_size):
                 continue
             kinds.setdefault((p.device, p.dtype), []).append(p)
-        joined = set()
+        flats, joined = [], set()
         for members in kinds.values():
             if len(members) < 2:
                 continue
@@ -285,8 +285,10 @@ def grouped_updates(optimizer) -> int:
                 p.data = flat.data[offset : offset + p.numel()].view_as(p)
                 offset += p.numel()
             joined |= {id(p) for p in members}
-            group["params"] = [p for p in group["params"] if id(p) not in joined] + [flat]
+            flats.append(flat)
             groups.append((flat, members))
+        if flats:
+            group["params"] = [p for p in group["params"] if id(p) not in joined] + flats
     if not groups:
         return 0
     library_step = optimizer.step
