@@ -42,6 +42,7 @@ with full fine-tuning each graph would hold a copy of its layer's weight gradien
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import time
 from functools import partial
@@ -72,6 +73,7 @@ HOST_BOUND = 1.5
 # timing: every one measured at 7B or 0.5B was well inside the bound (1.0-1.35), and each
 # eager sight of a 7B training step costs ~0.2 s.
 EVAL_PROBES = 2
+TIMED = 4  # replays of a packed training length timed on one layer (`GraphSet.shape_costs`)
 
 
 class Checkpoint(torch.autograd.Function):
@@ -160,6 +162,22 @@ def _warm_up(shared: GraphSet, device: torch.device, step) -> None:
     torch.cuda.current_stream(device).wait_stream(side)
 
 
+@contextlib.contextmanager
+def _no_collection():
+    """Python's cycle collector off during a capture: objects it frees may free CUDA memory
+    (another model's graph pool: `cudaFree`), which invalidates the capture. The likely cause
+    of a failed capture on the H200 (session 24, "operation failed due to a previous error
+    during capture" in a model's first backward capture, right after another graphed model
+    was let go while a reference cycle held its graphs: that cycle is gone too)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _capture_forward(run, autocast, statics: Statics, shared: GraphSet) -> torch.cuda.CUDAGraph:
     """The layer's forward without autograd, from the static input to the static output."""
     graph = torch.cuda.CUDAGraph()
@@ -169,7 +187,8 @@ def _capture_forward(run, autocast, statics: Statics, shared: GraphSet) -> torch
     # SQuAD 3.0-4.0 s for 195 graphs, 0.5B AlpacaEval 5.3 s against 3.9 s for 432) and the
     # training peak, the memory objective, rose (0.5B 5.01 -> 6.34 GiB, 7B ~+0.4 GiB): the
     # graphs' pool grew beside a cache that was no longer given back (docs/bench/README.md)
-    with torch.cuda.graph(graph, pool=shared.pool, capture_error_mode="thread_local"):
+    with _no_collection(), torch.cuda.graph(graph, pool=shared.pool,
+                                            capture_error_mode="thread_local"):  # fmt: skip
         with torch.no_grad(), _autocast(statics.hidden.device, autocast):
             statics.out.copy_(run(statics.hidden))
     return graph
@@ -183,14 +202,18 @@ class Graphs:
     def __init__(self, run, params, autocast, statics: Statics, shared: GraphSet, warm: bool,
                  keep: bool = False):  # fmt: skip
         self.statics = statics
+        self.samples: list | None = None  # timed replays (card events), where this is timed
         recompute = partial(_recompute_grads, run, statics.hidden, params, statics.grad_out,
                             autocast, keep)  # fmt: skip
         if not warm:
             _warm_up(shared, statics.hidden.device, recompute)
         self.forward_graph = _capture_forward(run, autocast, statics, shared)
         self.backward_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(
-            self.backward_graph, pool=shared.pool, capture_error_mode="thread_local"
+        with (
+            _no_collection(),
+            torch.cuda.graph(
+                self.backward_graph, pool=shared.pool, capture_error_mode="thread_local"
+            ),
         ):
             grad_in, self.grad_params = recompute()
             statics.grad_in.copy_(grad_in)
@@ -222,11 +245,16 @@ class Replay:
 
     def __init__(self, graphs: Graphs, sources: list):
         self.graphs, self.sources = graphs, sources
+        samples = graphs.samples
+        # card events around both replays, where this layer's length is timed: never read
+        # here (no wait), only by `GraphSet.shape_costs` once the card passed them
+        timed = samples is not None and len(samples) < TIMED
+        self.events = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if timed else None
 
     def forward(self, hidden):
         statics = self.graphs.statics
         statics.fill(self.sources, hidden)
-        self.graphs.forward_graph.replay()
+        self._replay(self.graphs.forward_graph, 0)
         return statics.out.clone()
 
     def backward(self, hidden, grad):
@@ -234,8 +262,18 @@ class Replay:
         statics.fill(self.sources, hidden)
         with torch.no_grad():
             statics.grad_out.copy_(grad)
-        self.graphs.backward_graph.replay()
+        self._replay(self.graphs.backward_graph, 2)
+        if self.events is not None and len(self.graphs.samples) < TIMED:
+            self.graphs.samples.append(self.events)
         return statics.grad_in.clone(), [t.clone() for t in self.graphs.grad_params]
+
+    def _replay(self, graph: torch.cuda.CUDAGraph, first: int) -> None:
+        if self.events is None:
+            graph.replay()
+            return
+        self.events[first].record()
+        graph.replay()
+        self.events[first + 1].record()
 
 
 class Statics:
@@ -276,6 +314,10 @@ class GraphSet:
         self.inferred: dict = {}  # the same, decided from the measured ones (`judged`)
         # (gradients, signature) -> [the layer probing it, its sights, its (host, card) timings]
         self.sights: dict = {}
+        self.layers = 0  # graphed layers sharing this set
+        self.timer = None  # id of the layer whose replays of packed training lengths are timed
+        self.timed: dict = {}  # packed training length -> the timer's `Graphs` for it
+        self.captures: dict = {}  # packed training length -> [capture seconds, layers]
         # what the trial's result records: graphs captured (a layer's forward+backward pair
         # counts one), host seconds spent warming up and capturing, calls run eagerly, and
         # each probe: [gradients, tokens, host ms, card ms, captured]
@@ -287,6 +329,25 @@ class GraphSet:
             "probes": [],
             "inferred": 0,
         }
+
+    def shape_costs(self) -> dict:
+        """{packed training length: (host seconds capturing every layer's graphs, or None
+        while not every layer has; card seconds of one step's graphed layers, from the
+        least of the timer's timed replays that the card has passed, or None)}: what
+        `shapes.Plan` weighs."""
+        costs = {}
+        for tokens, (seconds, layers) in self.captures.items():
+            capture = seconds * self.layers / layers if layers >= self.layers else None
+            costs[tokens] = (capture, self._step_s(tokens))
+        return costs
+
+    def _step_s(self, tokens: int) -> float | None:
+        graphs = self.timed.get(tokens)
+        done = [e for e in graphs.samples if e[3].query()] if graphs is not None else []
+        if not done:
+            return None
+        ms = min(e[0].elapsed_time(e[1]) + e[2].elapsed_time(e[3]) for e in done)
+        return self.layers * ms / 1e3
 
     def judge(self, signature: tuple) -> bool | None:
         """Whether `signature`'s graphs pay: measured, else decided by the measured ones of its
@@ -430,9 +491,22 @@ class GraphedLayer:
                 found = Graphs(run, self.params, call.autocast, statics, shared, warm, self.keep)
             else:
                 found = ForwardGraph(run, call.autocast, statics, shared, warm)
-            shared.stats["capture_s"] += time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            shared.stats["capture_s"] += seconds
             shared.stats["training" if gradients else "evaluation"] += 1
             table[key] = found
+            shape = call.hidden.shape
+            if gradients and len(shape) == 3 and shape[0] == 1:  # a packed training length:
+                tokens = shape[1]  # priced for `shapes.Plan`
+                spent = shared.captures.setdefault(tokens, [0.0, 0])
+                spent[0] += seconds
+                spent[1] += 1
+                # the timer by its id: a reference would close a cycle (set -> layer -> set)
+                # that only the collector frees, at any moment, a capture's included
+                shared.timer = shared.timer or id(self)
+                if shared.timer == id(self) and tokens not in shared.timed:
+                    found.samples = []
+                    shared.timed[tokens] = found
             shared.warm.add((gradients, key))
         return found
 
@@ -498,16 +572,26 @@ def install(layers: list, graphs: bool, dequantize_once: bool = False) -> int:
         layer.gradient_checkpointing = False
         layer._compiled_call_impl = GraphedLayer(layer, shared, dequantize_once)
         count += 1
+    if shared is not None:
+        shared.layers = count
     return count
 
 
 def stats(model) -> dict:
     """The graphs' counts (`GraphSet.stats`) of `model`; empty without graphs."""
+    shared = graph_set(model)
+    if shared is None:
+        return {}
+    return dict(shared.stats, capture_s=round(shared.stats["capture_s"], 3))
+
+
+def graph_set(model) -> GraphSet | None:
+    """The `GraphSet` `model`'s graphed layers share; None without graphs."""
     for m in model.modules():
         impl = getattr(m, "_compiled_call_impl", None)
         if isinstance(impl, GraphedLayer) and impl.shared is not None:
-            return dict(impl.shared.stats, capture_s=round(impl.shared.stats["capture_s"], 3))
-    return {}
+            return impl.shared
+    return None
 
 
 def captured(model) -> bool:

@@ -544,13 +544,17 @@ class PaddingFree:
     either collator but not the choice per batch (the causal kernel needs no mask).
 
     `bucket`: pad each batch on the right to one of a few lengths (`bucket_length`), for CUDA
-    graphs, which replay fixed shapes. Causal attention keeps the real tokens from seeing the
-    padding, whose labels are ignored; `padding` counts the tokens added."""
+    graphs, which replay fixed shapes; a packed training batch to `lengths.length(n)` where
+    `lengths` is given (`shapes.Plan`: at least its bucket; not while `evaluating`). Causal
+    attention keeps the real tokens from seeing the padding, whose labels are ignored;
+    `padding` counts the tokens added."""
 
-    def __init__(self, tokenizer, bucket: bool = False, packed: bool = False):
+    def __init__(self, tokenizer, bucket: bool = False, packed: bool = False, lengths=None):
         self.flat = DataCollatorWithFlattening(return_position_ids=True)
         self.padded = DataCollatorForSeq2Seq(tokenizer, padding=True)
         self.bucket = bucket
+        self.lengths = lengths
+        self.evaluating = False
         self.packed = packed  # add each concatenated row's boundaries (packed attention)
         self.pad_id = tokenizer.pad_token_id or 0
         self.padding = 0
@@ -570,7 +574,8 @@ class PaddingFree:
 
     def _to_bucket(self, batch: dict) -> dict:
         rows, n = batch["input_ids"].shape
-        extra = bucket_length(n) - n
+        planned = self.lengths is not None and rows == 1 and not self.evaluating
+        extra = (self.lengths.length(n) if planned else bucket_length(n)) - n
         if extra == 0:
             return batch
         fill = {"input_ids": self.pad_id, "labels": IGNORE}
@@ -600,13 +605,15 @@ def collator(
     labelled: bool = False,
     fused: bool = False,
     unfused_share: float = 0.0,
+    lengths=None,
 ):
     """The trial's batches: padding-free (`packing`) or padded; `labelled`: logits only at the
     positions that are scored (`labelled_logits`) in the validation loss, and in training
     too, where the model's training loss is `fused` (Liger's) only in batches scoring at most
-    `unfused_share` of their positions (`LabelledLogits`)."""
+    `unfused_share` of their positions (`LabelledLogits`); `lengths`: what packed training
+    batches are padded to (`PaddingFree`)."""
     if packing:
-        collate = PaddingFree(tokenizer, bucket, packed)
+        collate = PaddingFree(tokenizer, bucket, packed, lengths)
     else:
         collate = DataCollatorForSeq2Seq(
             tokenizer, padding=True, pad_to_multiple_of=8 if cuda else None
@@ -679,6 +686,16 @@ class LabelledLogits:
         self.collate = collate
         self.fused, self.unfused_share = fused, unfused_share
         self.evaluating = False
+
+    @property
+    def evaluating(self) -> bool:
+        return self._evaluating
+
+    @evaluating.setter
+    def evaluating(self, value: bool) -> None:
+        self._evaluating = value
+        if hasattr(self.collate, "evaluating"):  # the padding plan: training batches only
+            self.collate.evaluating = value
 
     @property
     def padding(self) -> int:

@@ -38,7 +38,7 @@ from transformers import (
 )
 
 from objectives import OBJECTIVES
-from src import cuda_graphs, fused_lora, models, profiling, speed
+from src import cuda_graphs, fused_lora, models, profiling, shapes, speed
 from src.data import to_dataset
 from src.memory import PeakMemory
 from src.memory import cap as memory_cap
@@ -232,6 +232,8 @@ def train_and_evaluate(
         raise
     clock.lap("train_loop")
     graphs = cuda_graphs.stats(model)  # before decompiling drops them
+    if trainer.shape_plan is not None:  # the lengths training batches were padded to
+        graphs["plan"] = trainer.shape_plan.summary()
     speed.decompile_layers(model)
     try:  # before evaluation: never lost to it
         save_weights(model, tokenizer, out_dir, params)
@@ -519,6 +521,16 @@ def build_trainer(
         accelerator_config={"non_blocking": cuda and not plain},
     )
     progress = ProgressCallback(memory)
+    plan = (
+        shapes.Plan(
+            [len(ids) for ids in train_set["input_ids"]],
+            micro,
+            args.max_steps * args.gradient_accumulation_steps,
+            cuda_graphs.graph_set(model).shape_costs,
+        )
+        if not plain and packing and train_cfg.get("shape_plan") and cuda_graphs.installed(model)
+        else None
+    )
     trainer = TrialTrainer(
         model=model,
         args=args,
@@ -538,6 +550,7 @@ def build_trainer(
             train_cfg.get("labelled_logits", False) and speed.keeps_logits(model),
             speed.fuses_loss(model),
             train_cfg.get("unfused_share", 0.0),
+            plan,
         ),
         callbacks=[progress, StopCheck()],
     )
@@ -545,6 +558,7 @@ def build_trainer(
     trainer.progress = None if plain else progress
     trainer.optimizer_waits = plain or train_cfg.get("optimizer_waits", False)
     trainer.grouped_updates = not plain and train_cfg.get("grouped_updates", False)
+    trainer.shape_plan = plan
     return trainer, progress
 
 
@@ -568,6 +582,7 @@ class TrialTrainer(Trainer):
     validation_seconds = 0.0  # the validation losses' share of the training loop
     val_accuracy: Callable | None = None
     optimizer_waits = True  # False: bitsandbytes' step without its per-parameter syncs
+    shape_plan: shapes.Plan | None = None  # the lengths packed training batches are padded to
     grouped_updates = False  # True: bitsandbytes' step one kernel per group (speed.py)
     progress: ProgressCallback | None = None  # takes each step's loss (no Trainer logging)
 

@@ -96,6 +96,10 @@ class Train:
     # bitsandbytes' optimizer step as one update kernel per parameter group (the LoRA tensors
     # as views of one flat tensor) where that gives the same numbers; off: one per tensor
     grouped_updates: bool = True
+    # packed training batches padded up to a length already captured as CUDA graphs where the
+    # trial measured that cheaper than capturing their own (src/shapes.py); off: each to its
+    # bucket
+    shape_plan: bool = True
     target_modules: str = "all-linear"  # PEFT: every linear layer except the output head
     compute_dtype: str = "auto"  # bfloat16 on CUDA, float32 on the CPU (bf16 matmul is slow there)
     system_prompt: str | None = None  # None keeps the chat template's default system prompt

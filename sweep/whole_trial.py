@@ -398,8 +398,9 @@ def step_lines(result: dict) -> list[str]:
         "\n## Training steps\n",
         "| recipe | tokens/s | x plain | whole trial s | steps | median step s | "
         "new-shape steps | their s | their extra s | graphs captured (train / eval) | "
-        "capture s | eager calls | probes (host-bound) / decided unprobed |",
-        "|---" * 13 + "|",
+        "capture s | eager calls | probes (host-bound) / decided unprobed | "
+        "batches padded past their bucket (src/shapes.py) |",
+        "|---" * 14 + "|",
     ]
     base = result["plain"]["median"]["train_tokens_per_s"]
     for name, m in _each(result):
@@ -412,7 +413,8 @@ def step_lines(result: dict) -> list[str]:
             f"{_num(st.get('new_shape_steps'), 0)} | {_num(st.get('new_shape_s'), 1)} | "
             f"{_num(st.get('new_shape_extra_s'), 1)} | "
             f"{g.get('training', '-')} / {g.get('evaluation', '-')} | "
-            f"{_num(g.get('capture_s'), 1)} | {g.get('eager_calls', '-')} | {_probes(g)} |"
+            f"{_num(g.get('capture_s'), 1)} | {g.get('eager_calls', '-')} | {_probes(g)} | "
+            f"{(g.get('plan') or {}).get('padded_beyond_bucket', '-')} |"
         )
     return lines
 

@@ -6,7 +6,8 @@
 # study of its own (name suffixed with the GPU list), so runs never mix. The packed run goes
 # through the sweep's own CUDA MPS daemon (sweep/mps.py); MPS=off: time-sliced instead (study
 # suffixed -timesliced). PER_GPU: --trials-per-gpu (default auto); TAG: a suffix for another
-# run's study (e.g. TAG=spin SWEEP_CUDA_WAIT=spin: packed trials spinning while they wait).
+# run's study (e.g. TAG=spin SWEEP_CUDA_WAIT=spin: packed trials spinning while they wait);
+# PACK_SET: one more --set for both runs (e.g. TAG=buckets PACK_SET=train.shape_plan=false).
 set -u
 out=${1:?OUT_DIR}/pack; serial=${2:-2}; packed=${3:-16}; gpus=${4:-0}; mkdir -p "$out"
 cfg=tests/gpu/sweep-gpu.toml; data="data.dir=$PWD/data/gpu-sample"; tag=${gpus//,/-}; mps=auto
@@ -30,14 +31,14 @@ while :; do  # busy share of all host cores over the last second, from /proc/sta
 done > "$out/util-cpu-$tag.csv" & cpu=$!
 t0=$SECONDS; e0=$EPOCHSECONDS
 if [ "$serial" -gt 0 ]; then
-  python3 -m sweep run --study gpu-pack-serial --config $cfg --set "$data" --n-trials $serial \
+  python3 -m sweep run --study gpu-pack-serial --config $cfg --set "$data" ${PACK_SET:+--set "$PACK_SET"} --n-trials $serial \
     2>&1 | grep -E "^trial [0-9]+ (complete|fail|pruned)|rror"
 fi
 t1=$SECONDS; e1=$EPOCHSECONDS
 # a study name per GPU list: a copy of the config beside it (same storage) with the study renamed
 copy=tests/gpu/pack-$tag.toml
 sed "s/^\[studies.gpu-pack\]/[studies.gpu-pack-$tag]/" $cfg > $copy
-python3 -m sweep run --study gpu-pack-$tag --config $copy --set "$data" --gpus $gpus --trials-per-gpu ${PER_GPU:-auto} \
+python3 -m sweep run --study gpu-pack-$tag --config $copy --set "$data" ${PACK_SET:+--set "$PACK_SET"} --gpus $gpus --trials-per-gpu ${PER_GPU:-auto} \
   --mps $mps --n-trials $packed 2>&1 | grep -E "up to|MPS|^trial [0-9]+ (complete|fail|pruned)|rror"
 t2=$SECONDS; e2=$EPOCHSECONDS
 kill $smi $util $cpu 2>/dev/null

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from src import bench, cuda_graphs, speed, train_qlora
+from src import bench, cuda_graphs, shapes, speed, train_qlora
 from tests.src.test_speed import _train_cfg
 
 pytestmark = pytest.mark.gpu
@@ -150,3 +150,33 @@ def test_a_signature_is_captured_only_where_the_card_waits_for_the_host(n, token
         layer(y)
     assert len(graphed.forward_graphs) == 2 * int(captured)
     assert len(graphed.shared.stats["probes"]) == 2 and graphed.shared.stats["inferred"] == 2
+
+
+def test_captured_lengths_are_priced_for_the_padding_plan(tmp_path, first_sight):
+    """Each packed training length that every layer captured gets its host seconds of
+    capturing and its graphed layers' card seconds per step (one layer's replays timed, read
+    once the card passed them): what `shapes.Plan` weighs. A plan over those pads a batch up
+    to a captured length where the measured step is no dearer for it."""
+    spec = bench.model_spec(os.environ["SWEEP_GPU_MODEL"])
+    params = {"method": "qlora", "r": 16, "lora_alpha": 32, "dropout": 0.05}
+    model, _ = train_qlora.setup(spec, params, _train_cfg(cuda_graphs=True), tmp_path)
+    gen = torch.Generator().manual_seed(2)
+    for n in (256, 512):
+        batch = torch.randint(100, 30000, (1, n), generator=gen).cuda()
+        for _ in range(cuda_graphs.TIMED + 1):
+            bench.loss_and_grads(model, batch)
+    torch.cuda.synchronize()
+    shared = cuda_graphs.graph_set(model)
+    costs = shared.shape_costs()
+    assert set(costs) == {256, 512}
+    layers = len(speed.decoder_layers(model))
+    assert shared.layers == layers
+    assert all(capture > 0 and step > 0 for capture, step in costs.values())
+    assert all(len(shared.timed[n].samples) == cuda_graphs.TIMED for n in costs)
+    print({n: (round(c, 3), round(s * 1e3, 2)) for n, (c, s) in costs.items()})
+    plan = shapes.Plan([100] * 40, 3, 100, shared.shape_costs)  # batches of 300 tokens
+    slope = shapes.fitted_slope({n: s for n, (_, s) in costs.items()})
+    length = plan.length(300)
+    assert length in (speed.bucket_length(300), 512)
+    if slope * (512 - speed.bucket_length(300)) * 100 < min(c for c, _ in costs.values()):
+        assert length == 512
