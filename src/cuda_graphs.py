@@ -187,10 +187,13 @@ def _capture_forward(run, autocast, statics: Statics, shared: GraphSet) -> torch
     # SQuAD 3.0-4.0 s for 195 graphs, 0.5B AlpacaEval 5.3 s against 3.9 s for 432) and the
     # training peak, the memory objective, rose (0.5B 5.01 -> 6.34 GiB, 7B ~+0.4 GiB): the
     # graphs' pool grew beside a cache that was no longer given back (docs/bench/README.md)
-    with _no_collection(), torch.cuda.graph(graph, pool=shared.pool,
-                                            capture_error_mode="thread_local"):  # fmt: skip
-        with torch.no_grad(), _autocast(statics.hidden.device, autocast):
-            statics.out.copy_(run(statics.hidden))
+    with (
+        _no_collection(),
+        torch.cuda.graph(graph, pool=shared.pool, capture_error_mode="thread_local"),
+        torch.no_grad(),
+        _autocast(statics.hidden.device, autocast),
+    ):
+        statics.out.copy_(run(statics.hidden))
     return graph
 
 

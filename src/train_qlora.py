@@ -613,7 +613,8 @@ class TrialTrainer(Trainer):
             self.progress.flush(wait=True)
         emit("validating", step=self.state.global_step)
         collate = self.data_collator
-        if hasattr(collate, "evaluating"):  # labelled logits: always in validation
+        # labelled logits: always in validation; the padding plan (shapes.Plan): never
+        if hasattr(collate, "evaluating"):
             collate.evaluating = True
         try:
             metrics = super().evaluate(*args, **kwargs)
