@@ -26,13 +26,21 @@ initialisation happens outside a capture); past
 `MAX_SHAPES` per layer, or for an input it cannot key, the layer runs the same checkpoint
 eagerly. A probe also decides for the signatures of its kind (same mode, hidden size, dtypes,
 arguments) that it bounds (`judged`): the host's launching does not depend on the token count
-while the card's work grows with it, so a signature with no more tokens than one measured
-host-bound is captured at its first sight, and one with no fewer than one measured
-card-bound runs eagerly, neither probed. Measured on the H200 (docs/bench/README.md, session
-19): every training probe of a 0.5B AlpacaEval or 7B SQuAD trial found the card waiting, and
-the two eager sights per shape before each capture cost the 0.5B trial ~5 s of 18 s of
-training. Evaluation in eval mode without gradients (the Trainer's validation loss) replays a
-forward-only graph per shape, probed the same way: validation took 31 % of a 0.5B SST-2
+while the card's work grows with it, at most in proportion (a fixed part per kernel, then
+linear: packed rows keep attention per token bounded), so a probe's ratio of card to host time
+scaled by the token counts bounds another signature's: one with more tokens than a host-bound
+probe is host-bound too while the probe's ratio times their token ratio stays within
+`HOST_BOUND` (the card's time measured where it waited for the host is an upper bound of its
+work, so the estimate errs towards the card), and one with fewer tokens than a card-bound probe
+is card-bound while that product stays above it. Such a signature is captured at its first
+sight or runs eagerly, unprobed. Measured on the H200 before this extrapolation (session 24): a
+7B SQuAD trial probed 3 training lengths (1,920, 2,304 and 2,560 tokens, ratios 0.99-1.00),
+each probe an eager step (~0.29 s more than a graphed one) before its capture; the first
+probe alone bounds the other two (1,920 x 1.5 = 2,880 tokens). Measured on the H200
+(docs/bench/README.md, session 19): every training probe of a 0.5B AlpacaEval or 7B SQuAD
+trial found the card waiting, and the two eager sights per shape before each capture cost the
+0.5B trial ~5 s of 18 s of training. Evaluation in eval mode without gradients (the
+Trainer's validation loss) replays a forward-only graph per shape, probed the same way: validation took 31 % of a 0.5B SST-2
 trial's training loop with eager layers (py-spy, docs/bench/README.md). Anything else
 without gradients (generation with its KV cache) runs the layers as they are. Adapters only:
 with full fine-tuning each graph would hold a copy of its layer's weight gradients
@@ -314,6 +322,7 @@ class GraphSet:
         self.statics: dict = {}  # (gradients, signature) -> Statics
         self.warm: set = set()  # (gradients, signature) warmed up
         self.worth: dict = {}  # (gradients, signature) -> whether its graphs pay (measured)
+        self.ratios: dict = {}  # the same -> its probe's card time / host time (measured)
         self.inferred: dict = {}  # the same, decided from the measured ones (`judged`)
         # (gradients, signature) -> [the layer probing it, its sights, its (host, card) timings]
         self.sights: dict = {}
@@ -357,7 +366,7 @@ class GraphSet:
         kind (`judged`), else None (not known yet: probe it)."""
         worth = self.worth.get(signature, self.inferred.get(signature))
         if worth is None:
-            worth = judged(self.worth, signature)
+            worth = judged(self.ratios, signature)
             if worth is not None:
                 self.inferred[signature] = worth
                 self.stats["inferred"] += 1
@@ -387,6 +396,7 @@ class GraphSet:
             return out
         host_s, card_s = min(timings)  # the least host time and the card's with it
         worth = self.worth[signature] = card_s <= HOST_BOUND * host_s
+        self.ratios[signature] = card_s / host_s if host_s > 0 else math.inf
         tokens = hidden.numel() // hidden.shape[-1]
         self.stats["probes"].append(
             [signature[0], tokens, round(host_s * 1e3, 3), round(card_s * 1e3, 3), worth]
@@ -394,18 +404,21 @@ class GraphSet:
         return out
 
 
-def judged(measured: dict, signature: tuple) -> bool | None:
-    """What the `measured` probes (signature -> graphs pay) say of `signature`, a
-    `(gradients, hidden shape, *the rest)` of the layer's key: True where one of its kind (all
-    but the token count and the other tensors' shapes) was host-bound with at least as many
-    tokens, False where one was card-bound with at most as many, None where neither or both."""
+def judged(ratios: dict, signature: tuple) -> bool | None:
+    """What the probes say of `signature`, a `(gradients, hidden shape, *the rest)` of the
+    layer's key. `ratios`: each probed signature's card time / host time. Among those of its
+    kind (all but the token count and the other tensors' shapes), a probe with `n` tokens and
+    ratio `r` bounds the ratio at `tokens` by `r * tokens / n`: from above where `tokens >= n`
+    (the card's work grows at most in proportion, the host's launching not at all), from below
+    where `tokens <= n`. True where a bound from above stays within `HOST_BOUND` (host-bound:
+    graphs pay), False where one from below exceeds it, None where neither or both."""
     tokens, kind = _tokens_and_kind(signature)
     host = card = False
-    for other, worth in measured.items():
+    for other, ratio in ratios.items():
         n, other_kind = _tokens_and_kind(other)
         if other_kind == kind:
-            host |= worth and n >= tokens
-            card |= not worth and n <= tokens
+            host |= ratio * max(1.0, tokens / n) <= HOST_BOUND
+            card |= ratio * min(1.0, tokens / n) > HOST_BOUND
     return None if host == card else host
 
 

@@ -241,6 +241,8 @@ def steps(outcome: dict) -> dict:
         out["new_shape_s"] = sum(new.values())
         out["new_shape_extra_s"] = sum(sec - median for sec in new.values())
         out["shapes"] = sorted(new)
+        # every step's (tokens, seconds): where captures, probes and padding cost (per run)
+        out["trace"] = [[size, sec] for size, sec in zip(tokens, seconds, strict=True)]
     return out
 
 
@@ -342,7 +344,9 @@ def _medians(rows: list[dict]) -> dict:
     )
     out["phases_s"] = {k: _median(rows, "phases_s", k) for k in rows[0]["phases_s"]}
     out["peak_gib"] = {k: _median(rows, "peak_gib", k) for k in ("train", "eval")}
-    out["steps"] = {k: _median(rows, "steps", k) for k in rows[0]["steps"] if k != "shapes"}
+    out["steps"] = {
+        k: _median(rows, "steps", k) for k in rows[0]["steps"] if k not in ("shapes", "trace")
+    }
     return out
 
 

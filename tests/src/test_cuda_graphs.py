@@ -134,18 +134,28 @@ def _signature(gradients: bool, rows: int, length: int, hidden: int = 64, mask=(
 
 
 def test_a_probe_decides_for_the_signatures_of_its_kind_that_it_bounds():
-    """Host-bound at 1,024 tokens: any training signature of no more tokens is too (the host's
-    launching is the same, the card's work smaller), whatever its other tensors' shapes;
-    card-bound at 8,192 tokens: any of no fewer is too. Between them, in another mode or at
-    another hidden size nothing is decided, and a contradiction decides nothing either."""
-    measured = {_signature(True, 1, 1024): True, _signature(True, 1, 8192): False}
+    """Host-bound at 1,024 tokens with the card's time 1.0x the host's: any training signature
+    of no more tokens is too (the host's launching is the same, the card's work smaller),
+    whatever its other tensors' shapes, and so is one of up to 1.5x the tokens (the card's work
+    grows at most in proportion: 1.5 = `HOST_BOUND`). Card-bound at 8,192 tokens at 2.0x: any
+    of no fewer is too, and one of fewer tokens while 2.0 x the token ratio stays above 1.5.
+    Between them, in another mode or at another hidden size nothing is decided, and a
+    contradiction decides nothing either."""
+    assert cuda_graphs.HOST_BOUND == 1.5
+    measured = {_signature(True, 1, 1024): 1.0, _signature(True, 1, 8192): 2.0}
     assert cuda_graphs.judged(measured, _signature(True, 1, 512, mask=(3, 4))) is True
     assert cuda_graphs.judged(measured, _signature(True, 2, 512)) is True  # 1,024 tokens
+    assert cuda_graphs.judged(measured, _signature(True, 1, 1536)) is True  # 1.0 x 1.5
+    assert cuda_graphs.judged(measured, _signature(True, 1, 1600)) is None  # 1.0 x 1.56
     assert cuda_graphs.judged(measured, _signature(True, 4, 4096)) is False
+    assert cuda_graphs.judged(measured, _signature(True, 1, 6400)) is False  # 2.0 x 0.78
+    assert cuda_graphs.judged(measured, _signature(True, 1, 6144)) is None  # 2.0 x 0.75
     assert cuda_graphs.judged(measured, _signature(True, 1, 2048)) is None
     assert cuda_graphs.judged(measured, _signature(False, 1, 512)) is None  # evaluation
     assert cuda_graphs.judged(measured, _signature(True, 1, 512, hidden=128)) is None
-    contradicting = {**measured, _signature(True, 1, 256): False}
+    # a probe that found the card nearly idle bounds further: 0.5 x 3 = 1.5
+    assert cuda_graphs.judged({_signature(True, 1, 1024): 0.5}, _signature(True, 1, 3072)) is True
+    contradicting = {**measured, _signature(True, 1, 256): 1.6}
     assert cuda_graphs.judged(contradicting, _signature(True, 1, 512)) is None
     assert cuda_graphs.judged({}, _signature(True, 1, 512)) is None
 
@@ -200,7 +210,7 @@ def test_a_validation_signature_is_judged_by_its_least_host_time(
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     monkeypatch.setattr(torch.cuda, "Event", clock.event)
     shared = object.__new__(cuda_graphs.GraphSet)
-    shared.worth, shared.inferred, shared.sights = {}, {}, {}
+    shared.worth, shared.ratios, shared.inferred, shared.sights = {}, {}, {}, {}
     shared.stats = {"probes": [], "inferred": 0}
     signature = _signature(gradients, 1, 7680)
     hidden, layer = torch.zeros(1, 7680, 64), object()

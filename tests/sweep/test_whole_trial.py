@@ -45,6 +45,7 @@ def test_new_shape_steps_are_told_apart_from_replays():
     assert st["count"] == 6 and st["median_s"] == 0.5
     assert st["new_shape_steps"] == 2 and st["shapes"] == [512, 640]
     assert st["new_shape_s"] == 5.0 and st["new_shape_extra_s"] == 4.0
+    assert st["trace"][3] == [640, 2.0] and len(st["trace"]) == 6
     # without graphs (plain) every step is just a step
     assert "new_shape_steps" not in whole_trial.steps(_outcome([1.0, 1.0], [500, 480]))
     # an old result without per-step seconds: nothing to say
