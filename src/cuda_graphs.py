@@ -15,36 +15,37 @@ graph draws its random numbers from the generator's offset at replay).
 Shapes must repeat for graphs to pay: `speed.PaddingFree(bucket=True)` pads each batch to one
 of a few lengths. Graphs also pay only where the host launching a layer's kernels is slower
 than the card running them: on the H200 a 0.5B layer is (the card idled 84 % of a step), while
-a 7B step of 1024 x 8 tokens took the same time with and without graphs and the captures of
-a 100-step 7B SQuAD trial cost 8 s (docs/bench/README.md). So each new input signature is
-measured first: the first layer to see it runs it eagerly, and at its `PROBE_AT`-th sight
-(the first may set up kernels lazily) times the host's launching against the card's run of
-the same call (a forward-only one at `EVAL_PROBES` sights from there). Only a signature
-where the card waited for the host (`HOST_BOUND`) is captured, at its next sight, by every
-layer (the first layer to capture it runs it twice eagerly on a side stream first, so lazy
-initialisation happens outside a capture); past
-`MAX_SHAPES` per layer, or for an input it cannot key, the layer runs the same checkpoint
-eagerly. A probe also decides for the signatures of its kind (same mode, hidden size, dtypes,
-arguments) that it bounds (`judged`): the host's launching does not depend on the token count
-while the card's work grows with it, at most in proportion (a fixed part per kernel, then
-linear: packed rows keep attention per token bounded), so a probe's ratio of card to host time
-scaled by the token counts bounds another signature's: one with more tokens than a host-bound
-probe is host-bound too while the probe's ratio times their token ratio stays within
-`HOST_BOUND` (the card's time measured where it waited for the host is an upper bound of its
-work, so the estimate errs towards the card), and one with fewer tokens than a card-bound probe
-is card-bound while that product stays above it. Such a signature is captured at its first
-sight or runs eagerly, unprobed. Measured on the H200 before this extrapolation (session 24): a
-7B SQuAD trial probed 3 training lengths (1,920, 2,304 and 2,560 tokens, ratios 0.99-1.00),
-each probe an eager step (~0.29 s more than a graphed one) before its capture; the first
-probe alone bounds the other two (1,920 x 1.5 = 2,880 tokens). Measured on the H200
-(docs/bench/README.md, session 19): every training probe of a 0.5B AlpacaEval or 7B SQuAD
-trial found the card waiting, and the two eager sights per shape before each capture cost the
-0.5B trial ~5 s of 18 s of training. Evaluation in eval mode without gradients (the
-Trainer's validation loss) replays a forward-only graph per shape, probed the same way: validation took 31 % of a 0.5B SST-2
-trial's training loop with eager layers (py-spy, docs/bench/README.md). Anything else
-without gradients (generation with its KV cache) runs the layers as they are. Adapters only:
-with full fine-tuning each graph would hold a copy of its layer's weight gradients
-(src/train_qlora.py).
+a 7B step of 1024 x 8 tokens took the same time with and without graphs and the captures of a
+100-step 7B SQuAD trial cost 8 s (docs/bench/README.md). So each new input signature is
+measured first: the first layer to see it runs it eagerly, and at its `PROBE_AT`-th sight (the
+first may set up kernels lazily) times the host's launching against the card's run of the same
+call (a forward-only one at `EVAL_PROBES` sights from there). Only a signature where the card
+waited for the host (`HOST_BOUND`) is captured, at its next sight, by every layer (the first
+layer to capture it runs it twice eagerly on a side stream first, so lazy initialisation
+happens outside a capture); past `MAX_SHAPES` per layer, or for an input it cannot key, the
+layer runs the same checkpoint eagerly. A probe also decides for the signatures of its kind
+(same mode, hidden size, dtypes, arguments) that it bounds (`judged`): the host's launching
+does not depend on the token count while the card's work grows with it, at most in proportion
+(a fixed part per kernel, then linear: packed rows keep attention per token bounded), so a
+probe's ratio of card to host time scaled by the token counts bounds another signature's: one
+with more tokens than a host-bound probe is host-bound too while the probe's ratio times their
+token ratio stays within `HOST_BOUND` (the card's time measured where it waited for the host is
+an upper bound of its work, so the estimate errs towards the card), and one with fewer tokens
+than a card-bound probe is card-bound while that product stays above it. Such a signature is
+captured at its first sight or runs eagerly, unprobed; a packed training length only where
+the trainer's padding plan expects the batches left to bring it again (`GraphSet.again`,
+`shapes.Plan.recurs`): a length seen once is not worth its capture or its buffers. Measured on the H200 before this
+extrapolation (session 24): a 7B SQuAD trial probed 3 training lengths (1,920, 2,304 and 2,560
+tokens, ratios 0.99-1.00), each probe an eager step (~0.29 s more than a graphed one) before
+its capture; the first probe alone bounds the other two (1,920 x 1.5 = 2,880 tokens). Measured
+on the H200 (docs/bench/README.md, session 19): every training probe of a 0.5B AlpacaEval or 7B
+SQuAD trial found the card waiting, and the two eager sights per shape before each capture cost
+the 0.5B trial ~5 s of 18 s of training. Evaluation in eval mode without gradients (the
+Trainer's validation loss) replays a forward-only graph per shape, probed the same way:
+validation took 31 % of a 0.5B SST-2 trial's training loop with eager layers (py-spy,
+docs/bench/README.md). Anything else without gradients (generation with its KV cache) runs the
+layers as they are. Adapters only: with full fine-tuning each graph would hold a copy of its
+layer's weight gradients (src/train_qlora.py).
 """
 
 from __future__ import annotations
@@ -329,6 +330,9 @@ class GraphSet:
         self.layers = 0  # graphed layers sharing this set
         self.timer = None  # id of the layer whose replays of packed training lengths are timed
         self.timed: dict = {}  # packed training length -> the timer's `Graphs` for it
+        # packed training length -> whether the batches left make its capture pay
+        # (`shapes.Plan.recurs`, set by the trainer); None: every judged length is captured
+        self.recurs = None
         self.captures: dict = {}  # packed training length -> [capture seconds, layers]
         # what the trial's result records: graphs captured (a layer's forward+backward pair
         # counts one), host seconds spent warming up and capturing, calls run eagerly, and
@@ -360,6 +364,14 @@ class GraphSet:
             return None
         ms = min(e[0].elapsed_time(e[1]) + e[2].elapsed_time(e[3]) for e in done)
         return self.layers * ms / 1e3
+
+    def again(self, hidden: torch.Tensor, gradients: bool) -> bool:
+        """Whether a new signature's graphs may be captured now as far as its recurrence goes:
+        a packed training length only where `recurs` says the batches left bring it again;
+        anything else always."""
+        if not gradients or self.recurs is None or hidden.dim() != 3 or hidden.shape[0] != 1:
+            return True
+        return self.recurs(hidden.shape[1])
 
     def judge(self, signature: tuple) -> bool | None:
         """Whether `signature`'s graphs pay: measured, else decided by the measured ones of its
@@ -490,13 +502,19 @@ class GraphedLayer:
     def _graph(self, call: _Call, key, table: dict, gradients: bool):
         """The call's `Graphs` (training) or `ForwardGraph` from `table`, captured now for a
         new signature measured to pay; None where the call cannot be keyed, its signature is
-        not measured yet or does not pay, or `MAX_SHAPES` are held."""
+        not measured yet or does not pay, a packed training length is not expected again
+        (`GraphSet.again`), or `MAX_SHAPES` are held."""
         if key is None:
             return None
         found = table.get(key)
         buffers = (gradients, *key[1:])  # the dropout switches (key[0]) change no buffer
         shared = self.shared
-        if found is None and len(table) < MAX_SHAPES and (PROBE_AT == 0 or shared.judge(buffers)):
+        if (
+            found is None
+            and len(table) < MAX_SHAPES
+            and (PROBE_AT == 0 or shared.judge(buffers))
+            and shared.again(call.hidden, gradients)
+        ):
             statics = shared.statics.get(buffers)
             if statics is None:
                 statics = shared.statics[buffers] = Statics(call.sources, call.hidden, gradients)

@@ -559,6 +559,8 @@ def build_trainer(
     trainer.optimizer_waits = plain or train_cfg.get("optimizer_waits", False)
     trainer.grouped_updates = not plain and train_cfg.get("grouped_updates", False)
     trainer.shape_plan = plan
+    if plan is not None:  # a new length's graphs captured only where it is expected again
+        cuda_graphs.graph_set(model).recurs = plan.recurs
     return trainer, progress
 
 

@@ -160,6 +160,21 @@ def test_a_probe_decides_for_the_signatures_of_its_kind_that_it_bounds():
     assert cuda_graphs.judged({}, _signature(True, 1, 512)) is None
 
 
+def test_a_graph_set_asks_the_plan_only_for_new_packed_training_lengths():
+    """`GraphSet.again`: the padding plan (`shapes.Plan.recurs`) decides for packed training
+    lengths (one row) only; validation and unpacked batches are captured as judged."""
+    asked = []
+    shared = object.__new__(cuda_graphs.GraphSet)
+    shared.recurs = None
+    assert shared.again(torch.zeros(1, 1536, 8), True)  # no plan: every judged length
+    shared.recurs = lambda n: asked.append(n) or n == 1024
+    assert shared.again(torch.zeros(1, 1024, 8), True)
+    assert not shared.again(torch.zeros(1, 1536, 8), True)
+    assert shared.again(torch.zeros(1, 1536, 8), False)  # validation: not the plan's
+    assert shared.again(torch.zeros(2, 768, 8), True)  # unpacked rows: not the plan's
+    assert asked == [1024, 1536]
+
+
 class _Clock:
     """Stands in for the host's clock and the card's events in `GraphSet.probed` (CPU): each
     timed call takes the next (host ms, card ms) pair."""

@@ -97,6 +97,25 @@ def test_plan_pads_to_a_captured_length_once_it_is_measured():
     assert summary["costs"]["2048"] == [0.4, 0.07]
 
 
+def test_a_new_length_is_captured_only_where_the_batches_left_bring_it_again():
+    """`Plan.recurs`, what `GraphSet.again` asks before capturing a new packed training length:
+    a bucket of 90 % of the batches, yes while at least `RECUR` of the batches left are
+    expected to be it; a bucket of 1 %, no (1 expected in 100: its steps run eagerly); a length
+    the plan chose to pad to (to be captured), yes however rare its own bucket."""
+    costs: dict = {}
+    plan = shapes.Plan([200] * 40, 8, 100, lambda: costs)
+    plan.shares = {1024: 0.9, 1536: 0.01, 1664: 0.015}
+    assert plan.recurs(1024) and not plan.recurs(1536) and not plan.recurs(2048)
+    plan.seen = 98  # 2 batches left: 1.8 expected
+    assert not plan.recurs(1024)
+    plan.seen = 0
+    # 1,664 padded up to the captured 2,048 costs ~1.5 batches x 384 tokens x 1 s per token:
+    # more than its capture, so the plan chooses it
+    costs[2048] = (0.4, 2048.0)
+    plan.length(1000)
+    assert 1664 in plan.usable() and plan.recurs(1664)
+
+
 class _Lengths:
     def __init__(self):
         self.asked = []
