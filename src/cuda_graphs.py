@@ -32,20 +32,20 @@ with more tokens than a host-bound probe is host-bound too while the probe's rat
 token ratio stays within `HOST_BOUND` (the card's time measured where it waited for the host is
 an upper bound of its work, so the estimate errs towards the card), and one with fewer tokens
 than a card-bound probe is card-bound while that product stays above it. Such a signature is
-captured at its first sight or runs eagerly, unprobed; a packed training length only where
-the trainer's padding plan expects the batches left to bring it again (`GraphSet.again`,
-`shapes.Plan.recurs`): a length seen once is not worth its capture or its buffers. Measured on the H200 before this
-extrapolation (session 24): a 7B SQuAD trial probed 3 training lengths (1,920, 2,304 and 2,560
-tokens, ratios 0.99-1.00), each probe an eager step (~0.29 s more than a graphed one) before
-its capture; the first probe alone bounds the other two (1,920 x 1.5 = 2,880 tokens). Measured
-on the H200 (docs/bench/README.md, session 19): every training probe of a 0.5B AlpacaEval or 7B
-SQuAD trial found the card waiting, and the two eager sights per shape before each capture cost
-the 0.5B trial ~5 s of 18 s of training. Evaluation in eval mode without gradients (the
-Trainer's validation loss) replays a forward-only graph per shape, probed the same way:
-validation took 31 % of a 0.5B SST-2 trial's training loop with eager layers (py-spy,
-docs/bench/README.md). Anything else without gradients (generation with its KV cache) runs the
-layers as they are. Adapters only: with full fine-tuning each graph would hold a copy of its
-layer's weight gradients (src/train_qlora.py).
+captured at its first sight or runs eagerly, unprobed; a packed training length only where the
+trainer's padding plan expects the batches left to bring it again (`GraphSet.again`,
+`shapes.Plan.recurs`): a length seen once is not worth its capture or its buffers. Measured on
+the H200 before this extrapolation (session 24): a 7B SQuAD trial probed 3 training lengths
+(1,920, 2,304 and 2,560 tokens, ratios 0.99-1.00), each probe an eager step (~0.29 s more than
+a graphed one) before its capture; the first probe alone bounds the other two (1,920 x 1.5 =
+2,880 tokens). Measured on the H200 (docs/bench/README.md, session 19): every training probe of
+a 0.5B AlpacaEval or 7B SQuAD trial found the card waiting, and the two eager sights per shape
+before each capture cost the 0.5B trial ~5 s of 18 s of training. Evaluation in eval mode
+without gradients (the Trainer's validation loss) replays a forward-only graph per shape,
+probed the same way: validation took 31 % of a 0.5B SST-2 trial's training loop with eager
+layers (py-spy, docs/bench/README.md). Anything else without gradients (generation with its KV
+cache) runs the layers as they are. Adapters only: with full fine-tuning each graph would hold
+a copy of its layer's weight gradients (src/train_qlora.py).
 """
 
 from __future__ import annotations

@@ -2,22 +2,23 @@
 are captured for few shapes, where padding a batch up costs less than capturing its own.
 
 Why: `speed.bucket_length` pads each batch to one of a few lengths per doubling (at most 12.5 %
-padding), and each new length costs a capture of every decoder layer's graphs, about one
-eager step of host time (0.3-0.45 s, 8 captured lengths in a 100-step 7B SQuAD trial and 12 in
-a 0.5B AlpacaEval one: 2.4 s and ~5 s of their 22.6 s and 14.8 s of training, session 23,
+padding), and each new length costs a capture of every decoder layer's graphs, about one eager
+step of host time (0.3-0.45 s, 8 captured lengths in a 100-step 7B SQuAD trial and 12 in a 0.5B
+AlpacaEval one: 2.4 s and ~5 s of their 22.6 s and 14.8 s of training, session 23,
 docs/bench/README.md). Where the card's time for a step hardly grows with its tokens (a 0.5B
-layer is bound by its kernels' launch and latency), a batch padded up to a longer length
-that is already captured costs almost nothing; on the 7B shape each padded token costs its
-matmuls. So the plan weighs the two with what this trial measured (`GraphSet.shape_costs`):
-the host seconds a captured length cost, and the graphed layers' card seconds per step at
-each captured length, a straight line through which prices a padded token; against how often
-each bucket is expected in the steps left (the training rows' lengths drawn in batches as the
-trainer draws them). Until one length is captured and timed, batches get their bucket as
-before. The same shares say which new lengths are worth capturing at all (`Plan.recurs`): one
-the batches left are not expected to bring again runs eagerly. Choosing the lengths is a one-dimensional facility location (each bucket served by
-the shortest chosen length at or above it; a chosen length not captured yet costs a capture),
-solved exactly by dynamic programming over the few dozen sorted lengths: written here
-because no library in this project's stack offers it for a handful of values.
+layer is bound by its kernels' launch and latency), a batch padded up to a longer length that
+is already captured costs almost nothing; on the 7B shape each padded token costs its matmuls.
+So the plan weighs the two with what this trial measured (`GraphSet.shape_costs`): the host
+seconds a captured length cost, and the graphed layers' card seconds per step at each captured
+length, a straight line through which prices a padded token; against how often each bucket is
+expected in the steps left (the training rows' lengths drawn in batches as the trainer draws
+them). Until one length is captured and timed, batches get their bucket as before. The same
+shares say which new lengths are worth capturing at all (`Plan.recurs`): one the batches left
+are not expected to bring again runs eagerly. Choosing the lengths is a one-dimensional
+facility location (each bucket served by the shortest chosen length at or above it; a chosen
+length not captured yet costs a capture), solved exactly by dynamic programming over the few
+dozen sorted lengths: written here because no library in this project's stack offers it for a
+handful of values.
 """
 
 from __future__ import annotations
