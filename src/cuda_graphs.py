@@ -29,23 +29,24 @@ does not depend on the token count while the card's work grows with it, at most 
 (a fixed part per kernel, then linear: packed rows keep attention per token bounded), so a
 probe's ratio of card to host time scaled by the token counts bounds another signature's: one
 with more tokens than a host-bound probe is host-bound too while the probe's ratio times their
-token ratio stays within `HOST_BOUND` (the card's time measured where it waited for the host is
-an upper bound of its work, so the estimate errs towards the card), and one with fewer tokens
-than a card-bound probe is card-bound while that product stays above it. Such a signature is
-captured at its first sight or runs eagerly, unprobed; a packed training length only where the
-trainer's padding plan expects the batches left to bring it again (`GraphSet.again`,
-`shapes.Plan.recurs`): a length seen once is not worth its capture or its buffers. Measured on
-the H200 before this extrapolation (session 24): a 7B SQuAD trial probed 3 training lengths
-(1,920, 2,304 and 2,560 tokens, ratios 0.99-1.00), each probe an eager step (~0.29 s more than
-a graphed one) before its capture; the first probe alone bounds the other two (1,920 x 1.5 =
-2,880 tokens). Measured on the H200 (docs/bench/README.md, session 19): every training probe of
-a 0.5B AlpacaEval or 7B SQuAD trial found the card waiting, and the two eager sights per shape
-before each capture cost the 0.5B trial ~5 s of 18 s of training. Evaluation in eval mode
-without gradients (the Trainer's validation loss) replays a forward-only graph per shape,
-probed the same way: validation took 31 % of a 0.5B SST-2 trial's training loop with eager
-layers (py-spy, docs/bench/README.md). Anything else without gradients (generation with its KV
-cache) runs the layers as they are. Adapters only: with full fine-tuning each graph would hold
-a copy of its layer's weight gradients (src/train_qlora.py).
+token ratio stays within `HOST_BOUND` (training signatures; a forward-only one is judged from
+as many tokens or more only, see `judged`) (the card's time measured where it waited for the
+host is an upper bound of its work, so the estimate errs towards the card), and one with fewer
+tokens than a card-bound probe is card-bound while that product stays above it. Such a
+signature is captured at its first sight or runs eagerly, unprobed; a packed training length
+only where the trainer's padding plan expects the batches left to bring it again
+(`GraphSet.again`, `shapes.Plan.recurs`): a length seen once is not worth its capture or its
+buffers. Measured on the H200 before this extrapolation (session 24): a 7B SQuAD trial probed 3
+training lengths (1,920, 2,304 and 2,560 tokens, ratios 0.99-1.00), each probe an eager step
+(~0.29 s more than a graphed one) before its capture; the first probe alone bounds the other
+two (1,920 x 1.5 = 2,880 tokens). Measured on the H200 (docs/bench/README.md, session 19):
+every training probe of a 0.5B AlpacaEval or 7B SQuAD trial found the card waiting, and the two
+eager sights per shape before each capture cost the 0.5B trial ~5 s of 18 s of training.
+Evaluation in eval mode without gradients (the Trainer's validation loss) replays a
+forward-only graph per shape, probed the same way: validation took 31 % of a 0.5B SST-2 trial's
+training loop with eager layers (py-spy, docs/bench/README.md). Anything else without gradients
+(generation with its KV cache) runs the layers as they are. Adapters only: with full
+fine-tuning each graph would hold a copy of its layer's weight gradients (src/train_qlora.py).
 """
 
 from __future__ import annotations
@@ -423,13 +424,21 @@ def judged(ratios: dict, signature: tuple) -> bool | None:
     ratio `r` bounds the ratio at `tokens` by `r * tokens / n`: from above where `tokens >= n`
     (the card's work grows at most in proportion, the host's launching not at all), from below
     where `tokens <= n`. True where a bound from above stays within `HOST_BOUND` (host-bound:
-    graphs pay), False where one from below exceeds it, None where neither or both."""
+    graphs pay), False where one from below exceeds it, None where neither or both.
+
+    A forward-only (validation) signature is never judged host-bound from fewer tokens: its
+    timings stall (`EVAL_PROBES`) and each capture adds buffers to the training peak, so only
+    a measured one or one with at least its tokens decides it. (A 0.5B AlpacaEval trial that
+    judged its longer validation lengths from one probe recorded a training peak of 5.50 GiB
+    against 4.79 GiB the session before with the same captured training lengths; not A/B'd
+    in one call, session 25.)"""
     tokens, kind = _tokens_and_kind(signature)
     host = card = False
     for other, ratio in ratios.items():
         n, other_kind = _tokens_and_kind(other)
         if other_kind == kind:
-            host |= ratio * max(1.0, tokens / n) <= HOST_BOUND
+            grown = tokens / n if signature[0] or tokens <= n else math.inf
+            host |= ratio * max(1.0, grown) <= HOST_BOUND
             card |= ratio * min(1.0, tokens / n) > HOST_BOUND
     return None if host == card else host
 

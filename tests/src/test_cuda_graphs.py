@@ -152,6 +152,13 @@ def test_a_probe_decides_for_the_signatures_of_its_kind_that_it_bounds():
     assert cuda_graphs.judged(measured, _signature(True, 1, 6144)) is None  # 2.0 x 0.75
     assert cuda_graphs.judged(measured, _signature(True, 1, 2048)) is None
     assert cuda_graphs.judged(measured, _signature(False, 1, 512)) is None  # evaluation
+    # a forward-only (validation) probe bounds fewer tokens only: its longer lengths are probed
+    validation = {_signature(False, 1, 1024): 1.0}
+    assert cuda_graphs.judged(validation, _signature(False, 1, 768)) is True
+    assert cuda_graphs.judged(validation, _signature(False, 1, 1152)) is None
+    assert (
+        cuda_graphs.judged({_signature(False, 1, 8192): 2.0}, _signature(False, 1, 6400)) is False
+    )
     assert cuda_graphs.judged(measured, _signature(True, 1, 512, hidden=128)) is None
     # a probe that found the card nearly idle bounds further: 0.5 x 3 = 1.5
     assert cuda_graphs.judged({_signature(True, 1, 1024): 0.5}, _signature(True, 1, 3072)) is True
