@@ -115,9 +115,11 @@ def test_the_learning_curve_is_kept_with_validation_accuracy(tmp_path, tiny_mode
     # each step's seconds: they add up to the training time (the whole-trial bench's steps)
     assert all(row[3] > 0 for row in curve["train"])
     assert sum(row[3] for row in curve["train"]) == pytest.approx(result.train_seconds, rel=0.01)
-    # whole-trial bench --profile: steps 2 and 3 (after 1 done) under torch.profiler
+    # whole-trial bench --profile: steps 2 and 3 (after 1 done) under torch.profiler; its
+    # window also holds what runs between them (step 2's validation), so it lies inside the
+    # training loop, not inside the steps' own seconds (a loaded machine made that fail)
     profile = saved["profile"]
-    assert profile["steps"] == [1, 3] and 0 < profile["wall_s"] < result.train_seconds
+    assert profile["steps"] == [1, 3] and 0 < profile["wall_s"] < result.phases["train_loop"]
     assert profile["top_host_ops"] and profile["gpu_busy_s"] == 0.0  # the CPU: no kernels
     tokens = [row[1] for row in curve["train"]]
     assert tokens == sorted(tokens) and tokens[-1] == result.train_tokens > 0
