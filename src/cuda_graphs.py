@@ -163,13 +163,17 @@ def _autocast(device: torch.device, autocast: torch.dtype | None):
 
 def _warm_up(shared: GraphSet, device: torch.device, step) -> None:
     """Lazy initialisation (cuBLAS, Triton) outside captures: `step` twice on the side stream,
-    once per shape."""
+    once per shape. Its host seconds are counted apart (`warm_up_s`, part of `capture_s`): a
+    profile of 7B captures outside the trial path put it at 0.18-0.32 s of 0.77-0.86 s a
+    length (session 25, docs/bench/README.md)."""
+    started = time.perf_counter()
     side = shared.side_stream
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
         for _ in range(2):
             step()
     torch.cuda.current_stream(device).wait_stream(side)
+    shared.stats["warm_up_s"] += time.perf_counter() - started
 
 
 @contextlib.contextmanager
@@ -342,6 +346,7 @@ class GraphSet:
             "training": 0,
             "evaluation": 0,
             "capture_s": 0.0,
+            "warm_up_s": 0.0,  # of capture_s: the side stream's warm-ups (`_warm_up`)
             "eager_calls": 0,
             "probes": [],
             "inferred": 0,
@@ -625,7 +630,10 @@ def stats(model) -> dict:
     shared = graph_set(model)
     if shared is None:
         return {}
-    return dict(shared.stats, capture_s=round(shared.stats["capture_s"], 3))
+    counts = shared.stats
+    return dict(
+        counts, capture_s=round(counts["capture_s"], 3), warm_up_s=round(counts["warm_up_s"], 3)
+    )
 
 
 def graph_set(model) -> GraphSet | None:

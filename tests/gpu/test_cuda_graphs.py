@@ -173,6 +173,7 @@ def test_captured_lengths_are_priced_for_the_padding_plan(tmp_path, first_sight)
     assert shared.layers == layers
     assert all(capture > 0 and step > 0 for capture, step in costs.values())
     assert all(len(shared.timed[n].samples) == cuda_graphs.TIMED for n in costs)
+    assert 0 < shared.stats["warm_up_s"] < shared.stats["capture_s"]  # one warm-up a length
     print({n: (round(c, 3), round(s * 1e3, 2)) for n, (c, s) in costs.items()})
     plan = shapes.Plan([100] * 40, 3, 100, shared.shape_costs)  # batches of 300 tokens
     slope = shapes.fitted_slope({n: s for n, (_, s) in costs.items()})
