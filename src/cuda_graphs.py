@@ -29,9 +29,9 @@ does not depend on the token count while the card's work grows with it, at most 
 (a fixed part per kernel, then linear: packed rows keep attention per token bounded), so a
 probe's ratio of card to host time scaled by the token counts bounds another signature's: one
 with more tokens than a host-bound probe is host-bound too while the probe's ratio times their
-token ratio stays within `HOST_BOUND` (training signatures; a forward-only one is judged from
-as many tokens or more only, see `judged`) (the card's time measured where it waited for the
-host is an upper bound of its work, so the estimate errs towards the card), and one with fewer
+token ratio stays within `HOST_BOUND` (the card's time measured where it waited for the host is
+an upper bound of its work, so the estimate errs towards the card; training signatures only: a
+forward-only one is judged from as many tokens or more, see `judged`), and one with fewer
 tokens than a card-bound probe is card-bound while that product stays above it. Such a
 signature is captured at its first sight or runs eagerly, unprobed; a packed training length
 only where the trainer's padding plan expects the batches left to bring it again
