@@ -375,9 +375,8 @@ class GraphSet:
         """Whether a new signature's graphs may be captured now as far as its recurrence goes:
         a packed training length only where `recurs` says the batches left bring it again;
         anything else always."""
-        if not gradients or self.recurs is None or hidden.dim() != 3 or hidden.shape[0] != 1:
-            return True
-        return self.recurs(hidden.shape[1])
+        tokens = _packed_length(hidden, gradients)
+        return tokens is None or self.recurs is None or self.recurs(tokens)
 
     def judge(self, signature: tuple) -> bool | None:
         """Whether `signature`'s graphs pay: measured, else decided by the measured ones of its
@@ -422,6 +421,14 @@ class GraphSet:
         return out
 
 
+def _packed_length(hidden: torch.Tensor, gradients: bool) -> int | None:
+    """The token count of a packed training batch (one row of hidden states, with gradients):
+    what `shapes.Plan` pads to and prices; None for anything else."""
+    if gradients and hidden.dim() == 3 and hidden.shape[0] == 1:
+        return hidden.shape[1]
+    return None
+
+
 def judged(ratios: dict, signature: tuple) -> bool | None:
     """What the probes say of `signature`, a `(gradients, hidden shape, *the rest)` of the
     layer's key. `ratios`: each probed signature's card time / host time. Among those of its
@@ -442,9 +449,10 @@ def judged(ratios: dict, signature: tuple) -> bool | None:
     for other, ratio in ratios.items():
         n, other_kind = _tokens_and_kind(other)
         if other_kind == kind:
-            grown = tokens / n if signature[0] or tokens <= n else math.inf
-            host |= ratio * max(1.0, grown) <= HOST_BOUND
-            card |= ratio * min(1.0, tokens / n) > HOST_BOUND
+            scale = tokens / n
+            training = signature[0]
+            host |= (training or scale <= 1) and ratio * max(1.0, scale) <= HOST_BOUND
+            card |= ratio * min(1.0, scale) > HOST_BOUND
     return None if host == card else host
 
 
@@ -543,9 +551,8 @@ class GraphedLayer:
             shared.stats["capture_s"] += seconds
             shared.stats["training" if gradients else "evaluation"] += 1
             table[key] = found
-            shape = call.hidden.shape
-            if gradients and len(shape) == 3 and shape[0] == 1:  # a packed training length:
-                tokens = shape[1]  # priced for `shapes.Plan`
+            tokens = _packed_length(call.hidden, gradients)
+            if tokens is not None:  # a packed training length: priced for `shapes.Plan`
                 spent = shared.captures.setdefault(tokens, [0.0, 0])
                 spent[0] += seconds
                 spent[1] += 1

@@ -521,16 +521,16 @@ def build_trainer(
         accelerator_config={"non_blocking": cuda and not plain},
     )
     progress = ProgressCallback(memory)
-    plan = (
-        shapes.Plan(
+    plan = None
+    if not plain and packing and train_cfg.get("shape_plan") and cuda_graphs.installed(model):
+        shared = cuda_graphs.graph_set(model)
+        plan = shapes.Plan(
             [len(ids) for ids in train_set["input_ids"]],
             micro,
             args.max_steps * args.gradient_accumulation_steps,
-            cuda_graphs.graph_set(model).shape_costs,
+            shared.shape_costs,
         )
-        if not plain and packing and train_cfg.get("shape_plan") and cuda_graphs.installed(model)
-        else None
-    )
+        shared.recurs = plan.recurs  # a new length's graphs captured only where it comes again
     trainer = TrialTrainer(
         model=model,
         args=args,
@@ -559,8 +559,6 @@ def build_trainer(
     trainer.optimizer_waits = plain or train_cfg.get("optimizer_waits", False)
     trainer.grouped_updates = not plain and train_cfg.get("grouped_updates", False)
     trainer.shape_plan = plan
-    if plan is not None:  # a new length's graphs captured only where it is expected again
-        cuda_graphs.graph_set(model).recurs = plan.recurs
     return trainer, progress
 
 
