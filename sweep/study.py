@@ -34,6 +34,7 @@ from sweep.trial import Heartbeat, ask, owner_gone, run_one, upload_pending
 
 MAX_SPARES = 4  # trial processes kept imported ahead per GPU (each holds ~0.6 GiB of RAM)
 SPARE_GIB = 1.0  # host memory counted per spare (imports, CUDA libraries mapped) when many start
+ORPHANS_EVERY_S = 5.0  # how often the launch loop looks for trials of a sweep that died
 
 console = Console(soft_wrap=True)  # whole lines: the terminal (or a log file) wraps them
 
@@ -159,7 +160,7 @@ class Workers:
 def launch_trials(cfg, study_cfg, study, companion, tracker, placement, workers, total: int,
                   timeout_s: float | None) -> None:  # fmt: skip
     """Start up to `total` trials, each when placement has a slot for it."""
-    started, launched = time.monotonic(), 0
+    started, launched, checked = time.monotonic(), 0, time.monotonic()
     warm = study_cfg.worker_trials > 1
 
     def tend(key: tuple[str, str]) -> None:
@@ -172,8 +173,12 @@ def launch_trials(cfg, study_cfg, study, companion, tracker, placement, workers,
             return
         if trial_process.INTERRUPT.is_set():
             return
-        # as Optuna's own optimize does before each trial: a sweep that died since we started
-        fail_orphans(study, companion, tracker, study_cfg.retries)
+        # a sweep that died since we started (Optuna's optimize checks before each trial; with
+        # 16 packed trials ending at once that check held up the next launches: every
+        # ORPHANS_EVERY_S is soon enough, the heartbeat's grace is longer)
+        if time.monotonic() - checked >= ORPHANS_EVERY_S:
+            fail_orphans(study, companion, tracker, study_cfg.retries)
+            checked = time.monotonic()
         if _grid_done(study):
             if not workers.running():
                 console.print("every grid point has run")
@@ -279,7 +284,8 @@ def fail_orphans(
     their owner ran on this host and that process is gone (any storage, the journal file
     too), else once their heartbeat is stale (an owner on another host; SQL storages). Each is
     queued again with its parameters (`retries`), and its MLflow run is closed as failed.
-    Their trial processes died with that sweep (PR_SET_PDEATHSIG). Run before every trial."""
+    Their trial processes died with that sweep (PR_SET_PDEATHSIG). Run at the start and then
+    every `ORPHANS_EVERY_S` while trials launch."""
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     now = datetime.datetime.now()
     # a trial asked a moment ago may still carry the owner it was retried from
@@ -300,8 +306,9 @@ def fail_orphans(
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
         optuna.storages.fail_stale_trials(companion)
+    failed = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
     for old in running:
-        if study.get_trials(deepcopy=False)[old.number].state != TrialState.FAIL:
+        if old.number not in failed:
             continue  # still beating: another live sweep process runs it
         console.print(f"trial {old.number}: its sweep died; marked failed, queued again")
         run_id = old.user_attrs.get("mlflow_run_id")

@@ -7,14 +7,17 @@ sweep calls MlflowClient directly on a sqlite backend with an explicit artifact 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from sweep.checks import first_wins
 from sweep.results import TrialResult
 
 ROLE_TAG = "sweep.role"
+CURVE_FLUSH_S = 5.0  # a running trial's training-loss curve reaches MLflow at least this often
 # what a trial folder holds besides the adapter: its config, result, error output, and what
 # the objective wrote (SQuAD predictions; AlpacaEval model outputs and judge annotations)
 TRIAL_FILES = (
@@ -35,6 +38,7 @@ class Tracker:
 
     def _open(self, tracking_uri: str, artifacts_dir: Path, study: str, tags: dict) -> None:
         self.client = MlflowClient(tracking_uri)
+        self.curves: dict[str, tuple] = {}  # run id -> (curve points not written yet, [since])
         experiment = self.client.get_experiment_by_name(study)
         if experiment is None:
             location = (artifacts_dir / study).as_uri()
@@ -66,27 +70,40 @@ class Tracker:
             run_name=f"trial-{number}",
             tags={ROLE_TAG: "trial", "mlflow.parentRunId": self.parent_id, **tags},
         )
-        for key, value in params.items():
-            self.client.log_param(run.info.run_id, key, value)
+        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
         return run.info.run_id
 
     def log_event(self, run_id: str, event: dict) -> None:
-        """Per-step curves: train loss, validation loss (and accuracy)."""
-        if event["event"] == "train":
-            self.client.log_metric(run_id, "train_loss", event["loss"], step=event["step"])
-        elif event["event"] == "eval":
-            self.client.log_metric(run_id, "val_loss", event["val_loss"], step=event["step"])
-        elif event["event"] == "eval_accuracy":  # train.val_accuracy
-            self.client.log_metric(
-                run_id, "val_accuracy", event["val_accuracy"], step=event["step"]
-            )
+        """Per-step curves: train loss, validation loss (and accuracy). Kept per run and written
+        as one batch at each validation and at least every `CURVE_FLUSH_S`: written one at a
+        time, each a store transaction, they were the sweep process's largest cost with 16
+        trials at once (a fifth of its busy time in a simulated packed sweep, session 26,
+        docs/bench/README.md), and that process hands freed slots to the next trials.
+        (MLflow's own async logging cannot serve here: its queue is one per store, and
+        `set_terminated` of any run shuts it down under the other runs' feet.) Called from
+        the run's own thread only, as `finish_trial`, which writes what is left."""
+        names = {"train": "train_loss", "eval": "val_loss", "eval_accuracy": "val_accuracy"}
+        name = names.get(event["event"])
+        if name is None:
+            return
+        value = event["loss" if name == "train_loss" else name]
+        at = int(event.get("time", time.time()) * 1000)
+        kept = self.curves.setdefault(run_id, ([], [time.monotonic()]))
+        kept[0].append(Metric(name, float(value), at, event["step"]))
+        if name != "train_loss" or time.monotonic() - kept[1][0] >= CURVE_FLUSH_S:
+            self._write_curves(run_id)
+
+    def _write_curves(self, run_id: str) -> None:
+        metrics, _ = self.curves.pop(run_id, ([], None))
+        for first in range(0, len(metrics), 1000):  # MLflow's most metrics per batch
+            self.client.log_batch(run_id, metrics=metrics[first : first + 1000])
 
     def finish_trial(self, run_id: str, result: TrialResult, trial_dir: Path, state: str) -> None:
+        self._write_curves(run_id)
         numbers = (int, float)
         metrics = {k: v for k, v in result.metrics.items() if isinstance(v, numbers)}
-        for key, value in result.metrics.items():
-            if isinstance(value, str):  # e.g. why a judge could not be reached
-                self.client.set_tag(run_id, key, value[:5000])
+        tags = {k: v[:5000] for k, v in result.metrics.items() if isinstance(v, str)}
+        # (strings: e.g. why a judge could not be reached)
         metrics |= {
             "peak_memory_gib": result.peak_memory_gib,
             "eval_peak_memory_gib": result.eval_peak_memory_gib,
@@ -96,12 +113,15 @@ class Tracker:
             "wall_seconds": result.wall_seconds,
             "steps": result.steps,
         }
-        for key, value in metrics.items():
-            if value is not None:
-                self.client.log_metric(run_id, key, value)
-        self.client.set_tag(run_id, "memory_kind", result.memory_kind)
+        tags["memory_kind"] = result.memory_kind
         if result.error:  # the reason and the last lines of the trial's stderr
-            self.client.set_tag(run_id, "error", result.error[-5000:])
+            tags["error"] = result.error[-5000:]
+        now = int(time.time() * 1000)
+        self.client.log_batch(  # one store transaction, not one per value
+            run_id,
+            metrics=[Metric(k, v, now, 0) for k, v in metrics.items() if v is not None],
+            tags=[RunTag(k, str(v)) for k, v in tags.items()],
+        )
         for name in TRIAL_FILES:
             if (trial_dir / name).exists():
                 self.client.log_artifact(run_id, str(trial_dir / name))

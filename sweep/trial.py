@@ -55,27 +55,29 @@ def run_one(
     trial_dir.mkdir(parents=True, exist_ok=True)
     belongs = {"study_key": folders.study_key(trial.study), "trial_number": trial.number}
     spec_path = write_spec(cfg, study_cfg, params, trial_dir, belongs)
-    mirror = ask(companion)
-    mirror.set_user_attr("trial_number", trial.number)
-    # the study key tells apart runs of same-named studies in other storages (one experiment)
-    tags = {"trial_dir": str(trial_dir), "study_key": belongs["study_key"]}
-    run_id = tracker.start_trial(trial.number, params, tags)
-    trial.set_user_attr("mlflow_run_id", run_id)
-    trial.set_user_attr("trial_dir", str(trial_dir))
-    trial.set_user_attr("host", socket.gethostname())
-    if slot is not None and slot.gpu is not None:
-        trial.set_user_attr("gpu", slot.gpu)
-
-    progress = live.Progress(trial.number, params, study_cfg.train.max_steps)
-    live.BOARD.add(progress)
-    watch = Watch(tracker, run_id, mirror, on_memory, progress, trial)
-    beat = Heartbeat(trial.storage, [trial._trial_id, mirror._trial_id])
     kills_before = trial_process.oom_kills()
     env = slot.env() if slot else {}
+    # the trial starts first; its bookkeeping below overlaps it (its events wait in the pipe):
+    # with 16 packed trials, each ending trial's slot stood idle while it ran
     worker = trial_process.launch(spec_path, env, study_cfg.worker_trials)
-    if spares:
-        trial_process.POOL.prepare(env, spares, study_cfg.worker_trials)
     try:
+        mirror = ask(companion)
+        mirror.set_user_attr("trial_number", trial.number)
+        # the study key tells apart runs of same-named studies in other storages (one
+        # experiment)
+        tags = {"trial_dir": str(trial_dir), "study_key": belongs["study_key"]}
+        run_id = tracker.start_trial(trial.number, params, tags)
+        trial.set_user_attr("mlflow_run_id", run_id)
+        trial.set_user_attr("trial_dir", str(trial_dir))
+        trial.set_user_attr("host", socket.gethostname())
+        if slot is not None and slot.gpu is not None:
+            trial.set_user_attr("gpu", slot.gpu)
+        progress = live.Progress(trial.number, params, study_cfg.train.max_steps)
+        live.BOARD.add(progress)
+        watch = Watch(tracker, run_id, mirror, on_memory, progress, trial)
+        beat = Heartbeat(trial.storage, [trial._trial_id, mirror._trial_id])
+        if spares:
+            trial_process.POOL.prepare(env, spares, study_cfg.worker_trials)
         ended = trial_process.follow(
             worker, trial_dir / "stdout.log", watch, study_cfg.trial_timeout_s, beat
         )
