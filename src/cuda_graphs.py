@@ -12,41 +12,42 @@ input's and the LoRA weights' gradients. Dropout in both replays draws the same 
 generator is set back to its state at the forward before the backward replays (a captured
 graph draws its random numbers from the generator's offset at replay).
 
-Shapes must repeat for graphs to pay: `speed.PaddingFree(bucket=True)` pads each batch to one
-of a few lengths. Graphs also pay only where the host launching a layer's kernels is slower
-than the card running them: on the H200 a 0.5B layer is (the card idled 84 % of a step), while
-a 7B step of 1024 x 8 tokens took the same time with and without graphs and the captures of a
-100-step 7B SQuAD trial cost 8 s (docs/bench/README.md). So each new input signature is
-measured first: the first layer to see it runs it eagerly, and at its `PROBE_AT`-th sight (the
-first may set up kernels lazily) times the host's launching against the card's run of the same
-call (a forward-only one at `EVAL_PROBES` sights from there). Only a signature where the card
-waited for the host (`HOST_BOUND`) is captured, at its next sight, by every layer (the first
-layer to capture it runs it twice eagerly on a side stream first, so lazy initialisation
+Shapes must repeat for graphs to pay: `speed.PaddingFree(bucket=True)` pads each batch to one of
+a few lengths. Graphs also pay only where the host launching a layer's kernels is slower than
+the card running them: on the H200 a 0.5B layer is (the card idled 84 % of a step), while a 7B
+step of 1024 x 8 tokens took the same time with and without graphs and the captures of a
+100-step 7B SQuAD trial cost 8 s (docs/bench/README.md). So each new input signature is measured
+first: the first layer to see it runs it eagerly, and at the `PROBE_AT`-th sight (the first may
+set up kernels lazily; in training any layer's sight counts, so the second layer of the first
+step is timed; in evaluation the first layer's own, at `EVAL_PROBES` sights from there) the
+host's launching is timed against the card's run of the same call. Only a signature where the
+card waited for the host (`HOST_BOUND`) is captured, at its next sight, by every layer (the
+first layer to capture it runs it twice eagerly on a side stream first, so lazy initialisation
 happens outside a capture); past `MAX_SHAPES` per layer, or for an input it cannot key, the
 layer runs the same checkpoint eagerly. A probe also decides for the signatures of its kind
-(same mode, hidden size, dtypes, arguments) that it bounds (`judged`): the host's launching
-does not depend on the token count while the card's work grows with it, at most in proportion
-(a fixed part per kernel, then linear: packed rows keep attention per token bounded), so a
-probe's ratio of card to host time scaled by the token counts bounds another signature's: one
-with more tokens than a host-bound probe is host-bound too while the probe's ratio times their
-token ratio stays within `HOST_BOUND` (the card's time measured where it waited for the host is
-an upper bound of its work, so the estimate errs towards the card; training signatures only: a
-forward-only one is judged from as many tokens or more, see `judged`), and one with fewer
-tokens than a card-bound probe is card-bound while that product stays above it. Such a
-signature is captured at its first sight or runs eagerly, unprobed; a packed training length
-only where the trainer's padding plan expects the batches left to bring it again
-(`GraphSet.again`, `shapes.Plan.recurs`): a length seen once is not worth its capture or its
-buffers. Measured on the H200 before this extrapolation (session 24): a 7B SQuAD trial probed 3
-training lengths (1,920, 2,304 and 2,560 tokens, ratios 0.99-1.00), each probe an eager step
-(~0.29 s more than a graphed one) before its capture; the first probe alone bounds the other
-two (1,920 x 1.5 = 2,880 tokens). Measured on the H200 (docs/bench/README.md, session 19):
-every training probe of a 0.5B AlpacaEval or 7B SQuAD trial found the card waiting, and the two
-eager sights per shape before each capture cost the 0.5B trial ~5 s of 18 s of training.
-Evaluation in eval mode without gradients (the Trainer's validation loss) replays a
-forward-only graph per shape, probed the same way: validation took 31 % of a 0.5B SST-2 trial's
-training loop with eager layers (py-spy, docs/bench/README.md). Anything else without gradients
-(generation with its KV cache) runs the layers as they are. Adapters only: with full
-fine-tuning each graph would hold a copy of its layer's weight gradients (src/train_qlora.py).
+(same mode, hidden size, dtypes, arguments) that it bounds (`judged`): the host's launching does
+not depend on the token count while the card's work grows with it, at most in proportion (a
+fixed part per kernel, then linear: packed rows keep attention per token bounded), so a probe's
+ratio of card to host time scaled by the token counts bounds another signature's: one with more
+tokens than a host-bound probe is host-bound too while the probe's ratio times their token ratio
+stays within `HOST_BOUND` (the card's time measured where it waited for the host is an upper
+bound of its work, so the estimate errs towards the card; training signatures only: a
+forward-only one is judged from as many tokens or more, see `judged`), and one with fewer tokens
+than a card-bound probe is card-bound while that product stays above it. Such a signature is
+captured at its first sight or runs eagerly, unprobed; a packed training length only where the
+trainer's padding plan expects the batches left to bring it again (`GraphSet.again`,
+`shapes.Plan.recurs`): a length seen once is not worth its capture or its buffers. Measured on
+the H200 before this extrapolation (session 24): a 7B SQuAD trial probed 3 training lengths
+(1,920, 2,304 and 2,560 tokens, ratios 0.99-1.00), each probe an eager step (~0.29 s more than a
+graphed one) before its capture; the first probe alone bounds the other two (1,920 x 1.5 = 2,880
+tokens). Measured on the H200 (docs/bench/README.md, session 19): every training probe of a 0.5B
+AlpacaEval or 7B SQuAD trial found the card waiting, and the two eager sights per shape before
+each capture cost the 0.5B trial ~5 s of 18 s of training. Evaluation in eval mode without
+gradients (the Trainer's validation loss) replays a forward-only graph per shape, probed the
+same way: validation took 31 % of a 0.5B SST-2 trial's training loop with eager layers (py-spy,
+docs/bench/README.md). Anything else without gradients (generation with its KV cache) runs the
+layers as they are. Adapters only: with full fine-tuning each graph would hold a copy of its
+layer's weight gradients (src/train_qlora.py).
 """
 
 from __future__ import annotations
@@ -390,12 +391,19 @@ class GraphSet:
         return worth
 
     def probed(self, layer, signature: tuple, hidden: torch.Tensor, run):
-        """`run()`, timed when `layer` probes `signature` now (see the module's docstring)."""
+        """`run()`, timed when `layer` probes `signature` now (see the module's docstring). A
+        training signature's sights are counted over all layers: the first layer's call sets
+        kernels up lazily and the second layer's, in the same step, is timed, so the layers
+        after it capture in the signature's first step (counted per layer, the first layer
+        timed it a step later and every layer captured it a step after that: a 7B SQuAD trial
+        ran its first three steps eagerly, ~0.16 s dearer each than graphed, session 25). A
+        forward-only signature's sights stay the first layer's: its `EVAL_PROBES` timings
+        should be a pass apart, not one stall of the host (the allocator, another thread) apart."""
         if PROBE_AT == 0 or self.judge(signature) is not None:
             return run()
         sight = self.sights.setdefault(signature, [layer, 0, []])
-        if sight[0] is not layer:
-            return run()
+        if sight[0] is not layer and not signature[0]:
+            return run()  # forward-only: its sights are the first layer's (see the docstring)
         sight[1] += 1
         if sight[1] < PROBE_AT:
             return run()

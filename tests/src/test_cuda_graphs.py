@@ -212,6 +212,41 @@ class _Clock:
         return Event()
 
 
+def _probing(monkeypatch, pairs) -> tuple[_Clock, cuda_graphs.GraphSet]:
+    """A `GraphSet` without CUDA whose probes take their timings from `pairs`."""
+    clock = _Clock(pairs)
+    monkeypatch.setattr(cuda_graphs.time, "perf_counter", clock.perf_counter)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "Event", clock.event)
+    shared = object.__new__(cuda_graphs.GraphSet)
+    shared.worth, shared.ratios, shared.inferred, shared.sights = {}, {}, {}, {}
+    shared.stats = {"probes": [], "inferred": 0}
+    return clock, shared
+
+
+def test_a_training_signature_is_timed_by_the_second_layer_of_its_first_step(monkeypatch):
+    """Training: the first layer's call (kernels set up lazily) runs untimed and the second
+    layer's, in the same step, is timed and decides, so the layers after it capture in the
+    signature's first step. Forward-only: other layers' sights do not count; the first
+    layer's own next sights are timed (`EVAL_PROBES` of them, a pass apart)."""
+    assert cuda_graphs.PROBE_AT == 2 and cuda_graphs.EVAL_PROBES == 2
+    clock, shared = _probing(monkeypatch, [(7.4, 10.3), (6.0, 6.5), (5.8, 6.2)])
+    first, second, third = object(), object(), object()
+    hidden = torch.zeros(1, 7680, 64)
+    training = _signature(True, 1, 7680)
+    shared.probed(first, training, hidden, lambda: None)
+    assert shared.judge(training) is None
+    shared.probed(second, training, hidden, clock.run)
+    assert shared.judge(training) is True and len(clock.pairs) == 2
+    evaluation = _signature(False, 1, 7680)
+    for sight in range(1, 2 + cuda_graphs.EVAL_PROBES):
+        assert shared.judge(evaluation) is None
+        shared.probed(first, evaluation, hidden, clock.run if sight > 1 else lambda: None)
+        for layer in (second, third):  # the same pass: not timed, not counted
+            shared.probed(layer, evaluation, hidden, lambda: None)
+    assert shared.judge(evaluation) is True and not clock.pairs
+
+
 @pytest.mark.parametrize(
     ("gradients", "pairs", "worth"),
     [
@@ -227,13 +262,7 @@ def test_a_validation_signature_is_judged_by_its_least_host_time(
     """A forward-only signature is timed at `EVAL_PROBES` sights and judged by the timing
     with the least host time: one stall of the host (7.4 ms instead of 3.4, session 22's
     7B validation probe) no longer captures graphs whose buffers raise the training peak."""
-    clock = _Clock(pairs)
-    monkeypatch.setattr(cuda_graphs.time, "perf_counter", clock.perf_counter)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    monkeypatch.setattr(torch.cuda, "Event", clock.event)
-    shared = object.__new__(cuda_graphs.GraphSet)
-    shared.worth, shared.ratios, shared.inferred, shared.sights = {}, {}, {}, {}
-    shared.stats = {"probes": [], "inferred": 0}
+    clock, shared = _probing(monkeypatch, pairs)
     signature = _signature(gradients, 1, 7680)
     hidden, layer = torch.zeros(1, 7680, 64), object()
     sights = cuda_graphs.PROBE_AT - 1 + len(pairs)
