@@ -43,6 +43,7 @@ import time
 
 import torch
 
+from src import memory
 from src.data import prompt_ids
 
 BUCKET = 64  # cache lengths are rounded up to a multiple: batches of similar length share a graph
@@ -252,12 +253,13 @@ def fitting_batch(
     model, job: Job, batch_size: int, limit_bytes: int | None, held: int | None = None
 ) -> int:
     """`batch_size`, or fewer rows where the longest remaining batch would not fit under
-    `limit_bytes` next to what the process holds (`held`, default now; CUDA; elsewhere no
+    `limit_bytes` (the training peak as `src/memory.py` counts it) next to what the process
+    holds (`memory.held_bytes` of the reservation `held`, default now; CUDA; elsewhere no
     limit): `plan_rows` with the job's measured correction of `row_bytes`."""
     if not limit_bytes or not torch.cuda.is_available():
         return batch_size
     need = job.row_need(model, job.longest_left())
-    held = torch.cuda.memory_reserved() if held is None else held
+    held = memory.held_bytes(held)  # with what lies outside the allocator now, as the limit
     return plan_rows(limit_bytes - held - MARGIN_BYTES, need, batch_size, job.scale)
 
 
@@ -523,4 +525,4 @@ def _fits(bases: list, limit_bytes: int | None) -> bool:
     if not limit_bytes:
         return False
     need = sum(b.out_features * b.in_features for b in bases) * 2
-    return torch.cuda.memory_reserved() + need + MARGIN_BYTES < limit_bytes
+    return memory.held_bytes() + need + MARGIN_BYTES < limit_bytes

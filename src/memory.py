@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import resource
 import threading
@@ -12,6 +13,7 @@ import torch
 GIB = 1024**3
 
 
+@functools.cache
 def nvml_reader():
     """A function that returns the bytes NVML counts for this process on its current GPU
     (0 before it holds any), or None when NVML is missing or refuses."""
@@ -30,6 +32,20 @@ def nvml_reader():
         return next((p.usedGpuMemory or 0 for p in procs if p.pid == pid), 0)
 
     return read
+
+
+def held_bytes(reserved: int | None = None) -> int:
+    """What this process holds on its GPU as the memory objective counts it (`PeakMemory.so_far`):
+    the caching allocator's reservation (`reserved`, default now) plus what lies outside it
+    now (NVML's figure minus the reservation, both read now: CUDA context, loaded kernels,
+    graphs' executables); the reservation alone without NVML. Evaluation plans its batches
+    against the training peak in this measure: on the H200 a 7B SQuAD trial's evaluation,
+    planned in reservations alone, grew outside the allocator and ended 6 MiB above its
+    training peak (session 26, docs/bench/README.md)."""
+    reserved = torch.cuda.memory_reserved() if reserved is None else reserved
+    read = nvml_reader()
+    used = read() if read else 0
+    return reserved + max(0, used - torch.cuda.memory_reserved()) if used else reserved
 
 
 def cap(budget_gib: float) -> float | None:

@@ -40,7 +40,7 @@ from transformers import (
 from objectives import OBJECTIVES
 from src import cuda_graphs, fused_lora, models, profiling, shapes, speed
 from src.data import to_dataset
-from src.memory import PeakMemory
+from src.memory import GIB, PeakMemory
 from src.memory import cap as memory_cap
 from src.progress import ProgressCallback, emit
 from src.scoring import choice_logprobs
@@ -247,14 +247,14 @@ def train_and_evaluate(
     val_losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     steps = trainer.state.global_step
     release_training(trainer)
-    train_peak, train_reserved = memory.phase()  # the objective: what the configuration needs
+    train_peak, _ = memory.phase()  # the objective: what the configuration needs
 
     emit("evaluating", examples=len(eval_rows), train_peak_gib=round(train_peak, 3))
     generation: dict = {}
     settings = eval_settings(spec) | {
         "fast_generation": False if plain else None,  # None: src/generation decides
         # evaluation stays within what training needed (CUDA; the budget caps it anyway)
-        "memory_limit_bytes": train_reserved or None,
+        "memory_limit_bytes": int(train_peak * GIB) if memory.cuda else None,
         "generation_stats": generation,
         "on_phase": lambda name: emit("phase", name=name),  # e.g. judging (the live view)
     }

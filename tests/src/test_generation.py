@@ -183,3 +183,27 @@ def test_rows_are_planned_again_at_each_shorter_cache_length(tiny_model, monkeyp
 @contextlib.contextmanager
 def _no_dense():
     yield False
+
+
+def test_a_batch_is_planned_with_what_lies_outside_the_allocator_now(monkeypatch):
+    """The limit is the training peak as the objective counts it (the reservation plus what
+    lies outside the allocator); planning counts the outside part as it is now: grown since
+    (kernels loaded, graphs' executables), it leaves fewer rows; without NVML the reservation
+    alone counts, on both sides."""
+    from types import SimpleNamespace
+
+    from src import generation, memory
+
+    gib = 1024**3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda: 4 * gib)
+    job = SimpleNamespace(row_need=lambda model, n: gib // 4, longest_left=lambda: 100, scale=1.0)
+    outside = [gib]
+    monkeypatch.setattr(memory, "nvml_reader", lambda: lambda: 4 * gib + outside[0])
+    limit = 5 * gib + generation.MARGIN_BYTES + 2 * gib  # training: 4 + 1 GiB, 2 GiB to spare
+    assert generation.fitting_batch(None, job, 64, limit) == 8
+    outside[0] += gib // 2
+    assert generation.fitting_batch(None, job, 64, limit) == 6
+    assert generation.fitting_batch(None, job, 64, limit, held=3 * gib) == 10  # a reservation
+    monkeypatch.setattr(memory, "nvml_reader", lambda: None)
+    assert generation.fitting_batch(None, job, 64, limit) == 12
