@@ -137,7 +137,6 @@ class PeakMemory:
         self.phase_peak: float | None = None  # the last `phase()`'s peak, GiB
         self._stop = threading.Event()
         self._thread = None
-        self._read = nvml_reader() if self.cuda else None  # this process's NVML figure, now
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
             self._thread = threading.Thread(target=self._sample, args=(interval_s,), daemon=True)
@@ -173,24 +172,20 @@ class PeakMemory:
         trials by it while they run."""
         if not self.cuda:
             return None
-        reserved = torch.cuda.max_memory_reserved() / GIB
-        used = self._read() if self._read else 0
-        if not used:  # no NVML: the allocator's figure alone
-            return reserved
-        return reserved + max(0, used - torch.cuda.memory_reserved()) / GIB
+        return held_bytes(torch.cuda.max_memory_reserved()) / GIB
 
-    def phase(self) -> tuple[float, int]:
-        """The peak of the phase that ends now (GiB, as `read()` computes it) and the caching
-        allocator's reserved peak in it (bytes; 0 on the CPU); measuring starts anew from
-        what the process holds now. Free what the phase no longer needs before calling it."""
+    def phase(self) -> float:
+        """The peak of the phase that ends now (GiB, as `read()` computes it); measuring starts
+        anew from what the process holds now. Free what the phase no longer needs before
+        calling it."""
         if self.cuda:
-            peak, reserved = self.so_far(), torch.cuda.max_memory_reserved()
+            peak = self.so_far()
             torch.cuda.reset_peak_memory_stats()
         else:
-            peak, reserved = cpu_peak_bytes() / GIB, 0
+            peak = cpu_peak_bytes() / GIB
             _reset_cpu_peak()
         self.phase_peak = peak
-        return peak, reserved
+        return peak
 
     def read(self) -> tuple[float, str, float | None]:
         """(peak GiB since the start or the last `phase()`, what it measured, NVML peak GiB of

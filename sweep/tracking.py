@@ -38,7 +38,7 @@ class Tracker:
 
     def _open(self, tracking_uri: str, artifacts_dir: Path, study: str, tags: dict) -> None:
         self.client = MlflowClient(tracking_uri)
-        self.curves: dict[str, tuple] = {}  # run id -> (curve points not written yet, [since])
+        self.curves: dict[str, tuple] = {}  # run id -> (curve points not written yet, since)
         experiment = self.client.get_experiment_by_name(study)
         if experiment is None:
             location = (artifacts_dir / study).as_uri()
@@ -88,9 +88,9 @@ class Tracker:
             return
         value = event["loss" if name == "train_loss" else name]
         at = int(event.get("time", time.time()) * 1000)
-        kept = self.curves.setdefault(run_id, ([], [time.monotonic()]))
-        kept[0].append(Metric(name, float(value), at, event["step"]))
-        if name != "train_loss" or time.monotonic() - kept[1][0] >= CURVE_FLUSH_S:
+        points, since = self.curves.setdefault(run_id, ([], time.monotonic()))
+        points.append(Metric(name, float(value), at, event["step"]))
+        if name != "train_loss" or time.monotonic() - since >= CURVE_FLUSH_S:
             self._write_curves(run_id)
 
     def _write_curves(self, run_id: str) -> None:
