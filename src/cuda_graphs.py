@@ -36,8 +36,9 @@ forward-only one is judged from as many tokens or more, see `judged`), and one w
 than a card-bound probe is card-bound while that product stays above it. Such a signature is
 captured at its first sight or runs eagerly, unprobed; a packed training length only where the
 trainer's padding plan expects the batches left to bring it again (`GraphSet.again`,
-`shapes.Plan.recurs`): a length seen once is not worth its capture or its buffers. Measured on
-the H200 before this extrapolation (session 24): a 7B SQuAD trial probed 3 training lengths
+`shapes.Plan.recurs`), and a forward-only signature only where the validations left are expected
+to (`GraphSet.begin_pass`): a shape seen once is not worth its capture or its buffers. Measured
+on the H200 before this extrapolation (session 24): a 7B SQuAD trial probed 3 training lengths
 (1,920, 2,304 and 2,560 tokens, ratios 0.99-1.00), each probe an eager step (~0.29 s more than a
 graphed one) before its capture; the first probe alone bounds the other two (1,920 x 1.5 = 2,880
 tokens). Measured on the H200 (docs/bench/README.md, session 19): every training probe of a 0.5B
@@ -56,6 +57,7 @@ import contextlib
 import gc
 import math
 import time
+from collections import Counter
 from functools import partial
 
 import torch
@@ -85,6 +87,13 @@ HOST_BOUND = 1.5
 # eager sight of a 7B training step costs ~0.2 s.
 EVAL_PROBES = 2
 TIMED = 4  # replays of a packed training length timed on one layer (`GraphSet.shape_costs`)
+# a forward-only (validation) signature's graphs are captured only where the validations left
+# are expected to bring it at least this many more times: the rule of packed training lengths
+# (`shapes.RECUR`: a capture costs about two eager calls of host time and holds its buffers).
+# Measured on the H200 (session 26): a 30-step 0.5B SST-2 trial with two validations of 64
+# rows captured 48 forward-only graphs (of 120 in 2.5 s, 16 trials packed) that its second
+# validation replayed once at most
+FORWARD_RECUR = 2.0
 
 
 class Checkpoint(torch.autograd.Function):
@@ -340,6 +349,12 @@ class GraphSet:
         # (`shapes.Plan.recurs`, set by the trainer); None: every judged length is captured
         self.recurs = None
         self.captures: dict = {}  # packed training length -> [capture seconds, layers]
+        # forward-only passes over the same batches (the Trainer's validations) still to come
+        # after the current one (`begin_pass`); None: not known, every judged signature is
+        # captured. Layer calls per forward-only signature in this pass and in the last one.
+        self.passes_left: int | None = None
+        self.this_pass: Counter = Counter()
+        self.last_pass: Counter = Counter()
         # what the trial's result records: graphs captured (a layer's forward+backward pair
         # counts one), host seconds spent warming up and capturing, calls run eagerly, and
         # each probe: [gradients, tokens, host ms, card ms, captured]
@@ -372,12 +387,31 @@ class GraphSet:
         ms = min(e[0].elapsed_time(e[1]) + e[2].elapsed_time(e[3]) for e in done)
         return self.layers * ms / 1e3
 
-    def again(self, hidden: torch.Tensor, gradients: bool) -> bool:
+    def again(self, hidden: torch.Tensor, signature: tuple) -> bool:
         """Whether a new signature's graphs may be captured now as far as its recurrence goes:
-        a packed training length only where `recurs` says the batches left bring it again;
-        anything else always."""
+        a packed training length only where `recurs` says the batches left bring it again, a
+        forward-only one only where the passes left are expected to bring it `FORWARD_RECUR`
+        more times (`sights_to_come`); anything else always."""
+        gradients = signature[0]
+        if not gradients:
+            return self.passes_left is None or self.sights_to_come(signature) >= FORWARD_RECUR
         tokens = _packed_length(hidden, gradients)
         return tokens is None or self.recurs is None or self.recurs(tokens)
+
+    def begin_pass(self, passes_left: int | None) -> None:
+        """A forward-only pass over the same batches as the last one begins (a validation),
+        with `passes_left` more to come after it."""
+        self.last_pass, self.this_pass = self.this_pass, Counter()
+        self.passes_left = passes_left
+
+    def sights_to_come(self, signature: tuple) -> float:
+        """How many more times a layer is expected to see forward-only `signature` after its
+        call now: the rest of this pass as in the last one, and each pass left as the larger of
+        the two (the passes go over the same batches)."""
+        layers = max(self.layers, 1)
+        done, last = self.this_pass[signature], self.last_pass[signature]
+        per_pass = max(last, math.ceil(done / layers) * layers) / layers
+        return self.passes_left * per_pass + max(0, last - done) // layers
 
     def judge(self, signature: tuple) -> bool | None:
         """Whether `signature`'s graphs pay: measured, else decided by the measured ones of its
@@ -401,6 +435,8 @@ class GraphSet:
         should be a pass apart, not one stall of the host (the allocator, another thread) apart."""
         if PROBE_AT == 0 or self.judge(signature) is not None:
             return run()
+        if not signature[0] and not self.again(hidden, signature):
+            return run()  # not captured whatever its timing says: no probe
         sight = self.sights.setdefault(signature, [layer, 0, []])
         if sight[0] is not layer and not signature[0]:
             return run()  # forward-only: its sights are the first layer's (see the docstring)
@@ -539,11 +575,13 @@ class GraphedLayer:
         found = table.get(key)
         buffers = (gradients, *key[1:])  # the dropout switches (key[0]) change no buffer
         shared = self.shared
+        if not gradients:
+            shared.this_pass[buffers] += 1
         if (
             found is None
             and len(table) < MAX_SHAPES
             and (PROBE_AT == 0 or shared.judge(buffers))
-            and shared.again(call.hidden, gradients)
+            and shared.again(call.hidden, buffers)
         ):
             statics = shared.statics.get(buffers)
             if statics is None:

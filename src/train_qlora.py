@@ -612,6 +612,9 @@ class TrialTrainer(Trainer):
         if self.progress is not None:  # the steps' losses before their validation's
             self.progress.flush(wait=True)
         emit("validating", step=self.state.global_step)
+        graphs = cuda_graphs.graph_set(self.model)
+        if graphs is not None:  # its forward-only shapes captured only where they come again
+            graphs.begin_pass(self.validations_left())
         collate = self.data_collator
         # labelled logits: always in validation; the padding plan (shapes.Plan): never
         if hasattr(collate, "evaluating"):
@@ -626,6 +629,15 @@ class TrialTrainer(Trainer):
             if hasattr(collate, "evaluating"):
                 collate.evaluating = False
             self.validation_seconds += time.perf_counter() - started
+
+    def validations_left(self) -> int | None:
+        """Validations still to come after the one at this step (every `eval_steps` steps up
+        to `max_steps`), or None when the Trainer does not know them (no step schedule)."""
+        every, last = self.state.eval_steps, self.state.max_steps
+        if not every or not last or every < 1:
+            return None
+        every = int(every)
+        return max(0, last // every - self.state.global_step // every)
 
     def _track_num_input_tokens(self, inputs):
         """All tokens, counted on the host: the Trainer's own copies the count to the GPU and

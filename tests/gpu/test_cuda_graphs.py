@@ -152,6 +152,22 @@ def test_a_signature_is_captured_only_where_the_card_waits_for_the_host(n, token
     assert len(graphed.shared.stats["probes"]) == 2 and graphed.shared.stats["inferred"] == 2
 
 
+def test_a_validation_captures_only_what_the_validations_left_bring_again():
+    """In the last validation (`begin_pass(0)`) a host-bound forward-only signature seen once
+    per pass is neither probed nor captured; with one more validation to come it is."""
+    layer = Matmul(64).eval()
+    cuda_graphs.install([layer], graphs=True)
+    graphed = layer._compiled_call_impl
+    x = torch.randn(64, 64, device="cuda")
+    for passes_left, captured in ((0, 0), (1, 1)):
+        graphed.shared.begin_pass(passes_left)
+        with torch.no_grad():
+            for _ in range(cuda_graphs.PROBE_AT + 2):
+                layer(x)
+        assert len(graphed.forward_graphs) == captured
+        assert len(graphed.shared.stats["probes"]) == captured
+
+
 def test_captured_lengths_are_priced_for_the_padding_plan(tmp_path, first_sight):
     """Each packed training length that every layer captured gets its host seconds of
     capturing and its graphed layers' card seconds per step (one layer's replays timed, read

@@ -169,17 +169,50 @@ def test_a_probe_decides_for_the_signatures_of_its_kind_that_it_bounds():
 
 def test_a_graph_set_asks_the_plan_only_for_new_packed_training_lengths():
     """`GraphSet.again`: the padding plan (`shapes.Plan.recurs`) decides for packed training
-    lengths (one row) only; validation and unpacked batches are captured as judged."""
+    lengths (one row) only; unpacked batches are captured as judged, and validation too while
+    the passes to come are not known."""
     asked = []
     shared = object.__new__(cuda_graphs.GraphSet)
-    shared.recurs = None
-    assert shared.again(torch.zeros(1, 1536, 8), True)  # no plan: every judged length
+    shared.recurs, shared.passes_left = None, None
+    training, validation = (True, (1, 1536, 8)), (False, (1, 1536, 8))
+    assert shared.again(torch.zeros(1, 1536, 8), training)  # no plan: every judged length
     shared.recurs = lambda n: asked.append(n) or n == 1024
-    assert shared.again(torch.zeros(1, 1024, 8), True)
-    assert not shared.again(torch.zeros(1, 1536, 8), True)
-    assert shared.again(torch.zeros(1, 1536, 8), False)  # validation: not the plan's
-    assert shared.again(torch.zeros(2, 768, 8), True)  # unpacked rows: not the plan's
+    assert shared.again(torch.zeros(1, 1024, 8), training)
+    assert not shared.again(torch.zeros(1, 1536, 8), training)
+    assert shared.again(torch.zeros(1, 1536, 8), validation)  # validation: not the plan's
+    assert shared.again(torch.zeros(2, 768, 8), (True, (2, 768, 8)))  # unpacked: not the plan's
     assert asked == [1024, 1536]
+
+
+def test_a_validation_shape_is_captured_only_where_the_validations_left_bring_it_again():
+    """A forward-only signature (validation) is captured only where the passes to come are
+    expected to bring it `FORWARD_RECUR` (2) more times to the same layer: in the first of two
+    validations one seen twice per pass is (twice in the next), one seen once is not; in the
+    last validation only one seen three times in the last pass is, at its first sight."""
+    shared = cuda_graphs.GraphSet.__new__(cuda_graphs.GraphSet)
+    shared.recurs, shared.passes_left, shared.layers = None, None, 2
+    shared.this_pass = cuda_graphs.Counter()
+    once, twice, thrice = ((False, (32, n, 8)) for n in (64, 96, 128))
+    hidden = torch.zeros(32, 64, 8)
+
+    def sight(signature) -> list[bool]:
+        """Both layers see `signature` once: whether each may capture it."""
+        seen = []
+        for _ in range(shared.layers):
+            shared.this_pass[signature] += 1  # as `GraphedLayer._graph` counts a call
+            seen.append(shared.again(hidden, signature))
+        return seen
+
+    assert sight(once) == [True, True]  # not known: as judged
+    shared.begin_pass(1)  # the first of two validations
+    assert sight(once) == [False, False]  # one more sight to come, in the next pass
+    assert sight(twice) == [False, False] and sight(twice) == [True, True]
+    assert [sight(thrice) for _ in range(3)] == [[False, False], [True, True], [True, True]]
+    shared.begin_pass(0)  # the last validation: the rest of this pass only
+    assert sight(once) == [False, False]
+    assert sight(twice) == [False, False] and sight(twice) == [False, False]
+    assert [sight(thrice) for _ in range(3)] == [[True, True], [False, False], [False, False]]
+    assert shared.last_pass == {once: 2, twice: 4, thrice: 6}
 
 
 class _Clock:
@@ -221,6 +254,7 @@ def _probing(monkeypatch, pairs) -> tuple[_Clock, cuda_graphs.GraphSet]:
     shared = object.__new__(cuda_graphs.GraphSet)
     shared.worth, shared.ratios, shared.inferred, shared.sights = {}, {}, {}, {}
     shared.stats = {"probes": [], "inferred": 0}
+    shared.passes_left = None  # validations to come not known: probed as today
     return clock, shared
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import functools
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from src import models, speed, train_qlora
+from src import cuda_graphs, models, speed, train_qlora
 
 
 @pytest.mark.parametrize(
@@ -94,11 +95,19 @@ def test_an_adapter_that_cannot_be_saved_fails_with_its_metric(
     assert 0 <= saved["metrics"]["accuracy"] <= 1 and not (folder / "adapter").exists()
 
 
-def test_the_learning_curve_is_kept_with_validation_accuracy(tmp_path, tiny_model, shared_data):
+def test_the_learning_curve_is_kept_with_validation_accuracy(
+    tmp_path, tiny_model, shared_data, monkeypatch
+):
     """Every step's tokens and loss, and at every validation its loss and (train.val_accuracy)
-    the accuracy on the same rows: what the learning-curve table is made of (issue 19)."""
+    the accuracy on the same rows: what the learning-curve table is made of (issue 19). Each
+    validation tells the layers' graphs how many more will come (`GraphSet.begin_pass`; a
+    stand-in set here: the CPU has no graphs)."""
     from sweep import config, trial
     from tests.conftest import write_config
+
+    passes = []
+    stand_in = SimpleNamespace(begin_pass=passes.append, stats={"capture_s": 0, "warm_up_s": 0})
+    monkeypatch.setattr(cuda_graphs, "graph_set", lambda model: stand_in)
 
     path = write_config(tmp_path, tiny_model, shared_data)
     cfg = config.load(path, ["train.val_accuracy=true"], "tiny")
@@ -124,6 +133,7 @@ def test_the_learning_curve_is_kept_with_validation_accuracy(tmp_path, tiny_mode
     tokens = [row[1] for row in curve["train"]]
     assert tokens == sorted(tokens) and tokens[-1] == result.train_tokens > 0
     assert [row[0] for row in curve["val"]] == [2, 4]
+    assert passes == [1, 0]  # validations at steps 2 and 4 of 4
     assert all(row[1] > 0 and 0 <= row[2] <= 1 for row in curve["val"])
     assert curve["val"][-1][1] == pytest.approx(result.last_val_loss)
 
