@@ -92,7 +92,9 @@ TIMED = 4  # replays of a packed training length timed on one layer (`GraphSet.s
 # (`shapes.RECUR`: a capture costs about two eager calls of host time and holds its buffers).
 # Measured on the H200 (session 26): a 30-step 0.5B SST-2 trial with two validations of 64
 # rows captured 48 forward-only graphs (of 120 in 2.5 s, 16 trials packed) that its second
-# validation replayed once at most
+# validation replayed once at most. A/B of this rule (session 27, docs/bench/s27/ab): 19 graphs
+# instead of 48, capture 1.5 -> 1.2 s, the training peak 9 MiB lower, the training loop no
+# faster (the last validation's eager calls cost about what the captures had)
 FORWARD_RECUR = 2.0
 
 
