@@ -37,15 +37,20 @@ def nvml_reader():
 def held_bytes(reserved: int | None = None) -> int:
     """What this process holds on its GPU as the memory objective counts it (`PeakMemory.so_far`):
     the caching allocator's reservation (`reserved`, default now) plus what lies outside it
-    now (NVML's figure minus the reservation, both read now: CUDA context, loaded kernels,
-    graphs' executables); the reservation alone without NVML. Evaluation plans its batches
+    now (`outside_bytes`; the reservation alone without NVML). Evaluation plans its batches
     against the training peak in this measure: on the H200 a 7B SQuAD trial's evaluation,
     planned in reservations alone, grew outside the allocator and ended 6 MiB above its
     training peak (session 26, docs/bench/README.md)."""
-    reserved = torch.cuda.memory_reserved() if reserved is None else reserved
+    return (torch.cuda.memory_reserved() if reserved is None else reserved) + outside_bytes()
+
+
+def outside_bytes() -> int:
+    """What this process holds on its GPU outside the caching allocator now: NVML's figure
+    minus the reservation, both read now (CUDA context, loaded kernels, graphs' executables);
+    0 without an NVML figure."""
     read = nvml_reader()
     used = read() if read else 0
-    return reserved + max(0, used - torch.cuda.memory_reserved()) if used else reserved
+    return max(0, used - torch.cuda.memory_reserved()) if used else 0
 
 
 def cap(budget_gib: float) -> float | None:
@@ -59,8 +64,7 @@ def cap(budget_gib: float) -> float | None:
     if not budget_gib or not torch.cuda.is_available():
         return None
     torch.zeros(1, device="cuda")  # the context exists from here on
-    read = nvml_reader()
-    outside = max(0, read() - torch.cuda.memory_reserved()) if read else 0
+    outside = outside_bytes()
     total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     fraction = (budget_gib * GIB - outside) / total
     if fraction >= 1:
