@@ -412,7 +412,7 @@ class GraphSet:
         the two (the passes go over the same batches)."""
         layers = max(self.layers, 1)
         done, last = self.this_pass[signature], self.last_pass[signature]
-        per_pass = max(last, math.ceil(done / layers) * layers) / layers
+        per_pass = max(last / layers, math.ceil(done / layers))  # in sights
         return self.passes_left * per_pass + max(0, last - done) // layers
 
     def judge(self, signature: tuple) -> bool | None:
