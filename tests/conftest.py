@@ -90,6 +90,17 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture
+def local_config(tmp_path: Path, shared_data: Path) -> Path:
+    """The shipped sweep.toml in `tmp_path` (so its storage is there), its studies' data read
+    from the offline data and its models from this checkout's converted copies."""
+    toml = (ROOT / "sweep.toml").read_text()
+    toml = toml.replace('data = { dir = "../shared/data" }', f'data = {{ dir = "{shared_data}" }}')
+    toml = toml.replace('cache = "data"', f'cache = "{ROOT / "data"}"')  # reuse the converted model
+    (tmp_path / "sweep.toml").write_text(toml)
+    return tmp_path / "sweep.toml"
+
+
 @pytest.fixture(scope="session")
 def embedded_model() -> Path:
     """The embedded SmolLM2-135M converted to safetensors (cached under data/models)."""

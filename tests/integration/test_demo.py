@@ -11,18 +11,13 @@ import sqlite3
 import optuna
 import pytest
 
-from tests.conftest import ROOT, run_cli, trial_folder
+from tests.conftest import run_cli, trial_folder
 
 pytestmark = pytest.mark.integration
 
 
-def test_demo_study_end_to_end(tmp_path, shared_data, embedded_model):
-    toml = (ROOT / "sweep.toml").read_text()
-    toml = toml.replace('data = { dir = "../shared/data" }', f'data = {{ dir = "{shared_data}" }}')
-    toml = toml.replace('cache = "data"', f'cache = "{ROOT / "data"}"')  # reuse the converted model
-    (tmp_path / "sweep.toml").write_text(toml)
-
-    out = run_cli("run", "--study", "demo", "--config", str(tmp_path / "sweep.toml"))
+def test_demo_study_end_to_end(tmp_path, local_config, embedded_model):
+    out = run_cli("run", "--study", "demo", "--config", str(local_config))
     assert out.returncode == 0, out.stderr[-3000:]
 
     study = optuna.load_study(study_name="demo", storage=f"sqlite:///{tmp_path}/storage/optuna.db")

@@ -11,19 +11,14 @@ import json
 import optuna
 import pytest
 
-from tests.conftest import ROOT, run_cli, trial_folder
+from tests.conftest import run_cli, trial_folder
 
 pytestmark = pytest.mark.integration
 
 
-def _run(tmp_path, shared_data, study: str, *overrides: str) -> optuna.trial.FrozenTrial:
-    toml = (ROOT / "sweep.toml").read_text()
-    toml = toml.replace('data = { dir = "../shared/data" }', f'data = {{ dir = "{shared_data}" }}')
-    toml = toml.replace('cache = "data"', f'cache = "{ROOT / "data"}"')  # reuse the converted model
-    (tmp_path / "sweep.toml").write_text(toml)
+def _run(tmp_path, cfg, study: str, *overrides: str) -> optuna.trial.FrozenTrial:
     sets = [arg for o in overrides for arg in ("--set", o)]
-    cfg = str(tmp_path / "sweep.toml")
-    out = run_cli("run", "--study", study, "--config", cfg, "--n-trials", "1", *sets)
+    out = run_cli("run", "--study", study, "--config", str(cfg), "--n-trials", "1", *sets)
     assert out.returncode == 0, out.stderr[-3000:]
     storage = f"sqlite:///{tmp_path}/storage/optuna.db"
     (trial,) = optuna.load_study(study_name=study, storage=storage).trials
@@ -31,9 +26,9 @@ def _run(tmp_path, shared_data, study: str, *overrides: str) -> optuna.trial.Fro
     return trial
 
 
-def test_demo_squad(tmp_path, shared_data, embedded_model):
+def test_demo_squad(tmp_path, shared_data, local_config, embedded_model):
     trial = _run(
-        tmp_path, shared_data, "demo-squad", "eval.max_examples=24", "eval.max_new_tokens=12"
+        tmp_path, local_config, "demo-squad", "eval.max_examples=24", "eval.max_new_tokens=12"
     )
     metrics = trial.user_attrs["metrics"]
     assert metrics["eval_examples"] == 24
@@ -52,10 +47,10 @@ def test_demo_squad(tmp_path, shared_data, embedded_model):
     assert rescored["f1"] == pytest.approx(metrics["f1"] * 24 / 10570, rel=1e-9)
 
 
-def test_demo_alpacaeval(tmp_path, shared_data, embedded_model):
+def test_demo_alpacaeval(tmp_path, shared_data, local_config, embedded_model):
     trial = _run(
         tmp_path,
-        shared_data,
+        local_config,
         "demo-alpacaeval",
         "eval.max_examples=10",
         "eval.max_new_tokens=24",

@@ -44,3 +44,47 @@ def test_a_table_to_extend_that_is_missing_or_unreadable_is_one_line(tmp_path, c
                   str(tmp_path / "new.json.xz"))  # fmt: skip
     assert out.returncode == 2 and "--extend" in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "new.json.xz").exists()
+
+
+@pytest.mark.integration
+def test_a_squad_study_becomes_a_table_the_replay_reads(tmp_path, local_config, embedded_model):
+    """The second table's study (`squad-curves`, tests/gpu/curves.sh) at toy size on the CPU:
+    its trials -> `sweep curves` -> `sweep replay --json`. F1 is kept in points as recorded,
+    validations keep their losses and have no accuracy (SQuAD has no choice to score)."""
+    import json
+
+    import optuna
+
+    from tests.conftest import run_cli
+
+    cfg, storage = str(local_config), f"sqlite:///{tmp_path}/storage/optuna.db"
+    toy = [
+        "train.max_steps=2", "train.eval_every=1", "train.val_examples=2", "train.batch_size=2",
+        "train.max_seq_len=320", "train.gradient_checkpointing=false",
+        "train.optimizer=paged_adamw_32bit", "eval.max_examples=4", "eval.max_new_tokens=8",
+    ]  # fmt: skip
+    sets = [arg for o in toy for arg in ("--set", o)]
+    out = run_cli("run", "--study", "squad-curves", "--config", cfg, "--n-trials", "2", *sets)
+    assert out.returncode == 0, out.stderr[-3000:]
+    trials = optuna.load_study(study_name="squad-curves", storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 2
+
+    table_path = tmp_path / "squad.json.xz"
+    out = run_cli("curves", "--study", "squad-curves", "--config", cfg, "--storage", storage,
+                  "--alone", "0,1", "--out", str(table_path))  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = curves.read(table_path)
+    assert (table["task"], table["metric"], table["study"]) == ("squad", "f1", "squad-curves")
+    assert sorted(r["final"] for r in table["runs"]) == sorted(t.values[0] for t in trials)
+    for run in table["runs"]:
+        assert [v[0] for v in run["val"]] == [1, 2] and all(v[2] is None for v in run["val"])
+        assert all(v[1] > 0 for v in run["val"]) and len(run["tokens"]) == 2
+
+    out = run_cli("replay", "--table", str(table_path), "--config", cfg, "--seeds", "2",
+                  "--budget", "2", "--json")  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert result["table_best"] == pytest.approx(max(t.values[0] for t in trials))
+    names = {s["name"]: s for s in result["strategies"]}
+    assert names["random-no-pruning"]["default"] is False
+    assert [s["default"] for s in result["strategies"]].count(True) == 1
