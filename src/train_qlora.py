@@ -29,6 +29,10 @@ from functools import partial
 from pathlib import Path
 
 import torch
+
+import src.deferred_compile  # noqa: F401  first: transformers imports bitsandbytes (its docstring)
+
+# isort: split
 from transformers import (
     DataCollatorForSeq2Seq,
     Trainer,
