@@ -129,7 +129,7 @@ def cmd_curves(args: argparse.Namespace) -> None:
     old = _read_table(args.extend, "--extend") if args.extend else None
     loaded = [status.load(args.study, _storage(url, cfg)) for url in args.storage or [None]]
     if args.top_params:
-        curves.write(curves.top_params(loaded, args.top_params), args.out)
+        curves.write(curves.top_params(loaded, args.top_params, old), args.out)
     else:
         alone = [int(n) for n in args.alone.split(",")] if args.alone else []
         table = curves.build(loaded, cfg.storage.trials, alone, cfg.studies[args.study], old)
@@ -141,7 +141,7 @@ def _curves_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--study", required=True, help="study name: a [studies.NAME] table")
     p.add_argument("--storage", action="append", help="Optuna storage URL (repeatable)")
     p.add_argument("--alone", help="trial numbers (first storage) that ran alone: the cost model")
-    p.add_argument("--top-params", type=int, help="write the K best trials' params instead")
+    p.add_argument("--top-params", type=int, help="write the K best configurations instead")
     p.add_argument("--extend", type=Path, help="a table written before: add these runs to it")
     p.add_argument("--out", type=Path, required=True, help="FILE.json or FILE.json.xz")
 

@@ -145,10 +145,24 @@ def extend(old: dict, new: dict) -> dict:
     }
 
 
-def top_params(studies: list[optuna.Study], k: int) -> list[dict]:
+def top_params(studies: list[optuna.Study], k: int, old: dict | None = None) -> list[dict]:
+    """The K best configurations' params (for `sweep run --enqueue`): the first storage's
+    finished trials, and the configurations of `old`, a table this storage will extend (one
+    built over two sessions repeats the best of all its configurations, not of the last part)."""
     done = studies[0].get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    best = sorted(done, key=lambda t: -t.values[0])[:k]
-    return [t.params for t in best]
+    found = [(t.values[0], t.params) for t in done]
+    if old is not None:
+        if len(old["models"]) != 1:  # its runs do not say which model they trained
+            raise ConfigError("the table has several models", "--extend")
+        model = {"model": old["models"][0]}
+        found += [(r["final"], r["params"] | model) for r in old["runs"] if not r.get("storage")]
+    best, seen = [], set()
+    for _, params in sorted(found, key=lambda f: -f[0]):
+        key = json.dumps(params, sort_keys=True)
+        if key not in seen and len(best) < k:
+            seen.add(key)
+            best.append(params)
+    return best
 
 
 def write(table: dict | list, out: Path) -> None:

@@ -20,10 +20,11 @@
 # product's defaults.
 # Trials of one storage run resumably: a call cut short keeps every finished trial.
 # STUDY=squad-curves (default sst2-curves): the second table, docs/curves/squad-smollm2.json.xz,
-# with the product's defaults (labelled logits), the same steps; its trials are longer (~300
-# tokens a row against SST-2's ~45, and F1 on 2,777 generated answers): not sized on the GPU
-# yet, so `packed` and `more` stop starting trials after PACKED_S and a second session goes on
-# with `more` (PART_SEED=1) and `table`, which extends the table the first one committed.
+# with the product's defaults (labelled logits), the same steps; its trials are longer (240
+# tokens a row on average against SST-2's ~45, and F1 on 2,777 generated answers): not sized
+# on the GPU yet, so `packed` and `more` stop starting trials after PACKED_S and a second
+# session goes on with `more` (PART_SEED=1); after `more` (on this machine, any call since),
+# `seeds` repeats the best of the committed table and this storage, and `table` extends it.
 set -u
 out=${1:?OUT_DIR}; shift; started=$SECONDS
 export PYTHONPATH=/tmp/site:$PWD OMP_NUM_THREADS=2
@@ -36,8 +37,9 @@ sets=(--set "data.dir=$PWD/data/gpu-sample")
 run() { python3 -m sweep run --study "$study" "${sets[@]}" "$@" 2>&1 |
   grep -E "^trial [0-9]+ (complete|fail|pruned)|error|Error" | tail -n 400; }
 stored() { python3 -c "import optuna; s=optuna.load_study(study_name='$study', storage='$main'); print(sum(t.state.name == 'COMPLETE' for t in s.trials))" 2>/dev/null || echo 0; }  # finished trials in $main (a failed one is run again)
-mkdir -p /tmp/curves "$out"; extend=()
+mkdir -p /tmp/curves "$out"
 for step in "$@"; do
+  extend=(); [ -f /tmp/curves/more ] && [ -f "$table" ] && extend=(--extend "$table")
   case $step in
   install)
     # converting the GGUF needs the gguf package, which pack-wheels leaves out:
@@ -67,9 +69,9 @@ for step in "$@"; do
     [ "$left" -gt 0 ] && run --storage $main --gpus 0 --trials-per-gpu "${PER_GPU:-12}" \
       --set "sampler={name=\"RandomSampler\", seed=${PART_SEED:-1}}" \
       --n-trials "$left" --timeout "${PACKED_S:-360}"
-    [ -f "$table" ] && extend=(--extend "$table") ;;
+    touch /tmp/curves/more ;;
   seeds)  # the 10 best again with train.seed 1 and 2
-    python3 -m sweep curves --study "$study" --storage $main --top-params 10 \
+    python3 -m sweep curves --study "$study" --storage $main --top-params 10 "${extend[@]}" \
       --out /tmp/curves/top10.json
     for seed in 1 2; do
       run --storage sqlite:////tmp/curves/seed$seed.db --set train.seed=$seed --gpus 0 \

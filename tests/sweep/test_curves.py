@@ -27,6 +27,29 @@ def test_a_table_is_extended_with_new_configurations_and_seed_repeats():
     assert again["runs"] == table["runs"] and again["parts"] == 3
 
 
+def test_the_best_configurations_to_repeat_include_the_table_being_extended():
+    """`--top-params K --extend TABLE`: the K best of this storage's trials and the table's
+    configurations (not its seed repeats), each once, with the model the table trained."""
+    import optuna
+
+    old = synthetic_table(n=10, seed=0)
+    firsts = sorted((r for r in old["runs"] if r["storage"] == 0), key=lambda r: -r["final"])
+    model = {"model": "smollm2-135m"}
+    study = optuna.create_study(direction="maximize")
+    for value, params in (
+        (firsts[0]["final"] + 0.01, {"r": 4, "lr": 1e-4}),  # better than the table's best
+        (0.1, {"r": 8, "lr": 2e-4}),
+        (firsts[0]["final"], firsts[0]["params"]),  # the table's best drawn again: listed once
+    ):
+        params = params | model
+        dist = {k: optuna.distributions.CategoricalDistribution([v]) for k, v in params.items()}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dist, value=value))
+    best = curves.top_params([study], 3, old)
+    assert best == [{"r": 4, "lr": 1e-4} | model] + [r["params"] | model for r in firsts[:2]]
+    alone = [t.params for t in sorted(study.trials, key=lambda t: -t.value)]
+    assert curves.top_params([study], 3) == alone  # without the table: this storage's
+
+
 def test_a_table_of_other_training_settings_is_not_extended():
     old, new = synthetic_table(n=4), synthetic_table(n=4, seed=1, steps=30)
     with pytest.raises(ConfigError, match="train"):
