@@ -476,12 +476,18 @@ def live(table: Table, study: optuna.Study, companion: optuna.Study | None, resu
 
 
 def study_for(table_data: dict, cfg: Config, name: str | None) -> tuple[Study, Strategy]:
-    """The study whose sampler and pruner are replayed (its space: the table's), and that
-    strategy. No name: the table's study with [defaults]' sampler and pruner."""
+    """The study whose sampler, pruner and space are replayed (its draws snap to the table's
+    configurations), and that strategy; one of the table's task. No name: the table's study
+    (its space) with [defaults]' sampler and pruner."""
     if name is not None:
         if name not in cfg.studies:
             raise ConfigError(f"no study {name!r} in {cfg.path.name}", "--study")
         study = cfg.studies[name]
+        if study.task != table_data.get("task", study.task):  # its metric is another one
+            raise ConfigError(
+                f"study {name!r} is of task {study.task}, the table of task {table_data['task']}",
+                "--study",
+            )
         return study, Strategy(name, study.sampler, study.pruner, default=True)
     base = cfg.studies.get(table_data["study"])
     if base is None:
