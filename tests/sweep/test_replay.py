@@ -225,7 +225,7 @@ def test_a_live_study_is_costed_like_the_table_and_set_against_the_band(tmp_path
         (["--table", str(SHIPPED), "--seeds", "0"], "must be > 0"),
         (["--table", str(SHIPPED), "--parallel", "0"], "--parallel must be > 0"),
         (["--table", str(SHIPPED), "--study", "nope"], "no study 'nope'"),
-        (["--table", str(SHIPPED), "--study", "demo-squad"], "of task squad, the table of task sst2"),
+        (["--table", str(SHIPPED), "--study", "demo-squad"], "the table of task sst2"),
     ],
 )
 def test_bad_replay_input_is_one_line(args, says):
