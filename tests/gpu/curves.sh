@@ -2,7 +2,8 @@
 # issue 19 on the GPU machine: the learning-curve table of the `sst2-curves` study (sweep.toml)
 # on the embedded SmolLM2-135M (real weights). The GGUF (94 MiB) is larger than one call may
 # send, so it goes in three parts, `split -b 33M FILE data/gguf-parts/part.` here
-# (../shared/device/README.md), in calls made back to back; each call copies the parts it
+# (../shared/device/README.md; `bash tests/gpu/inputs.sh gguf` makes them, the gguf wheel and
+# the other inputs), in calls made back to back; each call copies the parts it
 # carries to /tmp/curves, `model` joins them and checks the sha256:
 #   call 1 (carry .whl, data/gguf-parts/part.aa):  bash tests/gpu/curves.sh OUT install
 #   call 2 (carry data/gguf-parts/part.ab):         bash tests/gpu/curves.sh OUT part

@@ -6,11 +6,7 @@
 # data/gpu-sample (git-ignored, carried along) holds sst2/ and squad/ of ../shared/data, and for
 # alpacaeval alpaca/alpaca_data_5000.json.xz and alpacaeval/ without most annotation files
 # (all of them are 63 MB, over what one call may carry with .whl/; preflight needs some):
-#   mkdir -p data/gpu-sample/alpaca && cp ../shared/data/alpaca/alpaca_data_5000.json.xz data/gpu-sample/alpaca/
-#   cp -r ../shared/data/alpacaeval data/gpu-sample/ && chmod -R u+w data/gpu-sample
-#   rm -r data/gpu-sample/alpacaeval/annotations
-#   a=alpacaeval/annotations/weighted_alpaca_eval_gpt4_turbo; mkdir -p data/gpu-sample/$a
-#   ls -S ../shared/data/$a | tail -12 | xargs -I{} cp ../shared/data/$a/{} data/gpu-sample/$a/
+# `bash tests/gpu/inputs.sh` builds it, with .whl/ and data/gpu-tokenizer.
 set -u
 out=${1:?OUT_DIR}/bench; shift; what=${*:-tests alpacaeval squad}; started=$SECONDS
 data="data.dir=$PWD/data/gpu-sample"; mkdir -p "$out"
