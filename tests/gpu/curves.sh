@@ -34,6 +34,8 @@ sha=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 main=sqlite:////tmp/curves/main.db
 study=${STUDY:-sst2-curves}; table=docs/curves/${study%-curves}-smollm2.json.xz
 sets=(--set "data.dir=$PWD/data/gpu-sample")
+for s in ${CURVES_SET:-}; do sets+=(--set "$s"); done  # a dry run at toy size (docs/pruning.md)
+configs=${CONFIGS:-100}; top=${TOP:-10}  # configurations in the table; best ones seeds repeat
 [ "$study" = sst2-curves ] && sets+=(--set train.labelled_logits=false)
 run() { python3 -m sweep run --study "$study" "${sets[@]}" "$@" 2>&1 |
   grep -E "^trial [0-9]+ (complete|fail|pruned)|error|Error" | tail -n 400; }
@@ -60,23 +62,24 @@ for step in "$@"; do
   alone)  # the cost model: trials alone on the card
     run --storage $main --gpus 0 --n-trials 3 ;;
   packed)  # the rest, packed; stops starting trials after ${PACKED_S:-360} s
-    left=$((100 - $(stored)))
+    left=$((configs - $(stored)))
     [ "$left" -gt 0 ] && run --storage $main --gpus 0 --trials-per-gpu "${PER_GPU:-12}" \
       --n-trials "$left" --timeout "${PACKED_S:-360}" ;;
   more)  # configurations the committed table lacks, drawn with another sampler seed
     have=$(python3 -c "from sweep import curves; from pathlib import Path; t = Path('$table'); print(sum(r.get('storage', 0) == 0 for r in curves.read(t)['runs']) if t.exists() else 0)")
     done_=$(stored)
-    left=$((100 - have - done_)); echo "table $have, this storage $done_, to run $left"
+    left=$((configs - have - done_)); echo "table $have, this storage $done_, to run $left"
     [ "$left" -gt 0 ] && run --storage $main --gpus 0 --trials-per-gpu "${PER_GPU:-12}" \
       --set "sampler={name=\"RandomSampler\", seed=${PART_SEED:-1}}" \
       --n-trials "$left" --timeout "${PACKED_S:-360}"
     touch /tmp/curves/more ;;
   seeds)  # the 10 best again with train.seed 1 and 2
-    python3 -m sweep curves --study "$study" --storage $main --top-params 10 "${extend[@]}" \
+    python3 -m sweep curves --study "$study" --storage $main --top-params "$top" "${extend[@]}" \
       --out /tmp/curves/top10.json
     for seed in 1 2; do
       run --storage sqlite:////tmp/curves/seed$seed.db --set train.seed=$seed --gpus 0 \
-        --trials-per-gpu 10 --n-trials 10 --enqueue /tmp/curves/top10.json --timeout "${SEEDS_S:-200}" &
+        --trials-per-gpu "$top" --n-trials "$top" --enqueue /tmp/curves/top10.json \
+        --timeout "${SEEDS_S:-200}" &
     done
     wait ;;
   live)  # the default strategy ([defaults]' sampler and pruner) on the table's study, packed
