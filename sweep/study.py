@@ -30,7 +30,7 @@ from sweep.placement import Placement, learned_peaks
 from sweep.results import Status
 from sweep.space import suggest
 from sweep.tracking import Tracker
-from sweep.trial import Heartbeat, ask, owner_gone, run_one, upload_pending
+from sweep.trial import Heartbeat, ask, owner, owner_gone, run_one, upload_pending
 
 MAX_SPARES = 4  # trial processes kept imported ahead per GPU (each holds ~0.6 GiB of RAM)
 SPARE_GIB = 1.0  # host memory counted per spare (imports, CUDA libraries mapped) when many start
@@ -287,6 +287,7 @@ def fail_orphans(
     Their trial processes died with that sweep (PR_SET_PDEATHSIG). Run at the start and then
     every `ORPHANS_EVERY_S` while trials launch."""
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    beat_own(running, companion)
     now = datetime.datetime.now()
     # a trial asked a moment ago may still carry the owner it was retried from
     settled = [t for t in running if t.datetime_start and (now - t.datetime_start).seconds >= 2]
@@ -314,6 +315,22 @@ def fail_orphans(
         run_id = old.user_attrs.get("mlflow_run_id")
         if run_id:
             tracker.fail_run(run_id, "orphaned: the sweep process died during the trial")
+
+
+def beat_own(running: list, companion: optuna.Study) -> None:
+    """Heartbeats, now, of the running trials this very process runs (their `owner`) and of
+    their mirrors: they are alive whatever their last beat, and the staleness check after
+    this must not fail them. A trial's beats can lag past the grace on a loaded host (a
+    sweep with `--jobs 2` in CI failed its own trial 0, then crashed storing its result)."""
+    mine = owner()
+    ours = [t for t in running if t.user_attrs.get("owner") == mine]
+    if not ours:
+        return
+    numbers = {t.number for t in ours}
+    mirrors = companion.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    ids = [t._trial_id for t in ours]
+    ids += [m._trial_id for m in mirrors if m.user_attrs.get("trial_number") in numbers]
+    Heartbeat(companion._storage, ids)()  # one storage: the companion lives in the study's
 
 
 def open_study(study_cfg: Study, storage, objective) -> optuna.Study:

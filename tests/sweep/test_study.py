@@ -306,3 +306,35 @@ def test_spares_a_known_peak_leaves_no_room_for_end(monkeypatch):
     assert all(proc.wait(timeout=30) is not None for proc in procs[1:])
     procs[0].kill()
     procs[0].wait()
+
+
+def test_a_sweep_never_fails_its_own_running_trials_as_stale(tmp_path):
+    """The staleness check fails RUNNING trials whose heartbeat is older than the grace: not
+    the ones this process runs, whose beats can lag on a loaded host (CI: a `--jobs 2` sweep
+    failed its own trial 0 and then crashed storing its result); another owner's still go."""
+    import optuna
+
+    from sweep import checks
+    from sweep import study as sweep_study
+    from sweep.trial import Heartbeat, ask
+
+    storage = checks.make_storage(f"sqlite:///{tmp_path}/o.db", heartbeat_s=1, retries=0)
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
+    companion = optuna.create_study(storage=storage, study_name="s--val-loss")
+    ours, foreign = ask(study), ask(study)
+    foreign.set_user_attr("owner", {"host": "elsewhere", "pid": 1, "started": 0.0})
+    mirror = ask(companion)
+    mirror.set_user_attr("trial_number", ours.number)
+    Heartbeat(storage, [ours._trial_id, foreign._trial_id, mirror._trial_id])()
+    time.sleep(3.2)  # > the 2 s grace (SQLite's clock counts whole seconds)
+
+    class Tracker:
+        failed: list = []
+
+        def fail_run(self, run_id, why):
+            self.failed.append(run_id)
+
+    sweep_study.fail_orphans(study, companion, Tracker())
+    states = {t.number: t.state.name for t in study.get_trials()}
+    assert states == {ours.number: "RUNNING", foreign.number: "FAIL"}
+    assert companion.get_trials()[0].state.name == "RUNNING"
