@@ -30,7 +30,7 @@ from sweep.placement import Placement, learned_peaks
 from sweep.results import Status
 from sweep.space import suggest
 from sweep.tracking import Tracker
-from sweep.trial import Heartbeat, ask, owner, owner_gone, run_one, upload_pending
+from sweep.trial import Heartbeat, ask, is_mine, owner_gone, run_one, upload_pending
 
 MAX_SPARES = 4  # trial processes kept imported ahead per GPU (each holds ~0.6 GiB of RAM)
 SPARE_GIB = 1.0  # host memory counted per spare (imports, CUDA libraries mapped) when many start
@@ -287,10 +287,11 @@ def fail_orphans(
     Their trial processes died with that sweep (PR_SET_PDEATHSIG). Run at the start and then
     every `ORPHANS_EVERY_S` while trials launch."""
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    beat_own(running, companion)
+    ours = beat_own(running, companion)
     now = datetime.datetime.now()
     # a trial asked a moment ago may still carry the owner it was retried from
     settled = [t for t in running if t.datetime_start and (now - t.datetime_start).seconds >= 2]
+    settled = [t for t in settled if t.number not in ours]
     dead = [t for t in settled if owner_gone(t.user_attrs.get("owner"))]
     if dead:
         retry = checks.RetryOrphans(retries)
@@ -317,20 +318,21 @@ def fail_orphans(
             tracker.fail_run(run_id, "orphaned: the sweep process died during the trial")
 
 
-def beat_own(running: list, companion: optuna.Study) -> None:
+def beat_own(running: list, companion: optuna.Study) -> set[int]:
     """Heartbeats, now, of the running trials this very process runs (their `owner`) and of
-    their mirrors: they are alive whatever their last beat, and the staleness check after
-    this must not fail them. A trial's beats can lag past the grace on a loaded host (a
-    sweep with `--jobs 2` in CI failed its own trial 0, then crashed storing its result)."""
-    mine = owner()
-    ours = [t for t in running if t.user_attrs.get("owner") == mine]
+    their mirrors; returns their numbers. They are alive whatever their last beat or their
+    owner's start time says: neither check may fail them (a sweep with `--jobs 2` in CI
+    failed its own trial 0, then crashed storing its result: a beat that lagged past the
+    grace on a loaded host, or psutil's start time moving with a clock step)."""
+    ours = [t for t in running if is_mine(t.user_attrs.get("owner"))]
     if not ours:
-        return
+        return set()
     numbers = {t.number for t in ours}
     mirrors = companion.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     ids = [t._trial_id for t in ours]
     ids += [m._trial_id for m in mirrors if m.user_attrs.get("trial_number") in numbers]
     Heartbeat(companion._storage, ids)()  # one storage: the companion lives in the study's
+    return numbers
 
 
 def open_study(study_cfg: Study, storage, objective) -> optuna.Study:

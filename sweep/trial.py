@@ -14,6 +14,7 @@ import json
 import signal
 import socket
 import time
+import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -221,13 +222,23 @@ class Heartbeat:
             self.last = time.monotonic()
 
 
+PROCESS_TOKEN = uuid.uuid4().hex  # this sweep process, whatever the clock does to `started`
+
+
 def owner() -> dict:
     """Who runs a trial: this host, this sweep process and when it started (a reused pid is
-    another process)."""
+    another process), and a token only this process has (`is_mine`)."""
     import psutil
 
     me = psutil.Process()
-    return {"host": socket.gethostname(), "pid": me.pid, "started": me.create_time()}
+    return {"host": socket.gethostname(), "pid": me.pid, "started": me.create_time(),
+            "token": PROCESS_TOKEN}  # fmt: skip
+
+
+def is_mine(recorded: dict | None) -> bool:
+    """Whether this very process owns a trial (the start time psutil reports can move with
+    a clock step; the token cannot)."""
+    return bool(recorded) and recorded.get("token") == PROCESS_TOKEN
 
 
 def owner_gone(recorded: dict | None) -> bool:

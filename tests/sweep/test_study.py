@@ -309,9 +309,11 @@ def test_spares_a_known_peak_leaves_no_room_for_end(monkeypatch):
 
 
 def test_a_sweep_never_fails_its_own_running_trials_as_stale(tmp_path):
-    """The staleness check fails RUNNING trials whose heartbeat is older than the grace: not
-    the ones this process runs, whose beats can lag on a loaded host (CI: a `--jobs 2` sweep
-    failed its own trial 0 and then crashed storing its result); another owner's still go."""
+    """The staleness check fails RUNNING trials whose heartbeat is older than the grace, the
+    owner check those whose owner's process is gone: not the ones this process runs, whose
+    beats can lag on a loaded host and whose recorded start time a clock step can contradict
+    (CI: a `--jobs 2` sweep failed its own trial 0, then crashed storing its result); another
+    owner's still go."""
     import optuna
 
     from sweep import checks
@@ -322,6 +324,8 @@ def test_a_sweep_never_fails_its_own_running_trials_as_stale(tmp_path):
     study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
     companion = optuna.create_study(storage=storage, study_name="s--val-loss")
     ours, foreign = ask(study), ask(study)
+    # psutil's start time of this process as a clock step can make it look: another process
+    ours.set_user_attr("owner", ours.user_attrs["owner"] | {"started": 0.0})
     foreign.set_user_attr("owner", {"host": "elsewhere", "pid": 1, "started": 0.0})
     mirror = ask(companion)
     mirror.set_user_attr("trial_number", ours.number)
