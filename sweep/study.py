@@ -290,20 +290,16 @@ def fail_orphans(
     ours = beat_own(running, companion)
     now = datetime.datetime.now()
     # a trial asked a moment ago may still carry the owner it was retried from
-    settled = [t for t in running if t.datetime_start and (now - t.datetime_start).seconds >= 2]
-    settled = [t for t in settled if t.number not in ours]
+    settled = [t for t in running if t.number not in ours and t.datetime_start
+               and (now - t.datetime_start).seconds >= 2]  # fmt: skip
     dead = [t for t in settled if owner_gone(t.user_attrs.get("owner"))]
     if dead:
         retry = checks.RetryOrphans(retries)
-        mirrors = companion.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         for old in dead:
             study._storage.set_trial_state_values(old._trial_id, state=TrialState.FAIL)
             retry(study, study._storage.get_trial(old._trial_id))
-            for mirror in mirrors:
-                if mirror.user_attrs.get("trial_number") == old.number:
-                    companion._storage.set_trial_state_values(
-                        mirror._trial_id, state=TrialState.FAIL
-                    )
+        for mirror in mirrors_of(companion, {t.number for t in dead}):
+            companion._storage.set_trial_state_values(mirror._trial_id, state=TrialState.FAIL)
     with warnings.catch_warnings():  # "experimental" since Optuna 2.9
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
@@ -328,11 +324,15 @@ def beat_own(running: list, companion: optuna.Study) -> set[int]:
     if not ours:
         return set()
     numbers = {t.number for t in ours}
-    mirrors = companion.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    ids = [t._trial_id for t in ours]
-    ids += [m._trial_id for m in mirrors if m.user_attrs.get("trial_number") in numbers]
+    ids = [t._trial_id for t in ours] + [m._trial_id for m in mirrors_of(companion, numbers)]
     Heartbeat(companion._storage, ids)()  # one storage: the companion lives in the study's
     return numbers
+
+
+def mirrors_of(companion: optuna.Study, numbers: set[int]) -> list:
+    """The running mirror trials (validation losses, for the pruner) of these trial numbers."""
+    running = companion.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    return [m for m in running if m.user_attrs.get("trial_number") in numbers]
 
 
 def open_study(study_cfg: Study, storage, objective) -> optuna.Study:
