@@ -76,9 +76,7 @@ def test_a_squad_study_becomes_a_table_the_replay_reads(tmp_path, local_config, 
     validations keep their losses and have no accuracy (SQuAD has no choice to score)."""
     import json
 
-    import optuna
-
-    from tests.conftest import run_cli
+    from tests.conftest import run_cli, study_trials
 
     cfg, storage = str(local_config), f"sqlite:///{tmp_path}/storage/optuna.db"
     toy = [
@@ -89,7 +87,7 @@ def test_a_squad_study_becomes_a_table_the_replay_reads(tmp_path, local_config, 
     sets = [arg for o in toy for arg in ("--set", o)]
     out = run_cli("run", "--study", "squad-curves", "--config", cfg, "--n-trials", "2", *sets)
     assert out.returncode == 0, out.stderr[-3000:]
-    trials = optuna.load_study(study_name="squad-curves", storage=storage).trials
+    trials = study_trials(tmp_path, "squad-curves")
     assert [t.state.name for t in trials] == ["COMPLETE"] * 2
 
     table_path = tmp_path / "squad.json.xz"
