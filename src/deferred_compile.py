@@ -1,11 +1,11 @@
 """bitsandbytes imported with its import-time `torch.compile` calls deferred to their first call.
 
-bitsandbytes (0.49, 0.50) wraps its CPU kernels (`backends/default/ops.py`, imported on every
-device) in `torch.compile` as it is imported, and `torch.compile` imports TorchDynamo and
-Inductor there and then, though nothing is compiled before a call: `import src.train_qlora`
-took a median 4.84 s with it and 4.00 s without on this project's 2-core CPU (docs/bench/
-README.md, session 28), paid by every fresh trial process, on a GPU too, where those CPU
-kernels never run.
+bitsandbytes (0.50.2, here and in the device wheels) wraps its CPU kernels
+(`backends/default/ops.py`, imported on every device) in `torch.compile` as it is imported,
+and `torch.compile` imports TorchDynamo and Inductor there and then, though nothing is
+compiled before a call: `import src.train_qlora` took a median 4.84 s with it and 4.00 s
+without on this project's 2-core CPU (docs/bench/README.md, session 28), paid by every fresh
+trial process, on a GPU too, where those CPU kernels never run.
 Imported here first, inside `compile_on_first_call`, each of those wrappers calls the real
 `torch.compile` at its own first call instead; bitsandbytes catches a failure there as it
 catches one at import (`_try_torch_compile` falls back to the plain function either way), so
