@@ -92,14 +92,22 @@ def run_one(
     result = outcome(ended, worker.returncode, trial_dir, watch.last, oom_killed)
     # a worker whose trial succeeded or was pruned keeps its base for the next trial
     trial_process.release(worker, ended, result.status in (Status.SUCCESS, Status.PRUNED))
-    state = tell(trial, result, study_cfg.vram_budget_gb)
+    try:
+        state = stored = tell(trial, result, study_cfg.vram_budget_gb)
+    except optuna.exceptions.UpdateFinishedTrialError:  # another sweep ended it meanwhile
+        state, (number, stored) = TrialState.FAIL, keep(trial, result, study_cfg.vram_budget_gb)
+        kept = f"its result is stored as trial {number}" if number is not None else "it failed"
+        print(f"trial {trial.number}: another sweep on this storage marked it failed while it "
+              f"ran (its heartbeat went stale: a stalled host?); {kept}", flush=True)  # fmt: skip
+    # the mirror (validation losses for the pruner) may have been ended with it
     if state == TrialState.COMPLETE and result.last_val_loss is not None:
-        companion.tell(mirror, result.last_val_loss)
+        companion.tell(mirror, result.last_val_loss, skip_if_finished=True)
     else:  # pruned, failed, or out of memory before any validation loss
-        companion.tell(mirror, state=state if state != TrialState.COMPLETE else TrialState.FAIL)
+        failed = state if state != TrialState.COMPLETE else TrialState.FAIL
+        companion.tell(mirror, state=failed, skip_if_finished=True)
     on_stored(result)
     finish_mlflow(
-        tracker, trial.study, trial.number, run_id, trial_dir, MLFLOW_STATE[state], result
+        tracker, trial.study, trial.number, run_id, trial_dir, MLFLOW_STATE[stored], result
     )
     return state, result
 
@@ -337,7 +345,17 @@ def why(ended: str, returncode: int | None) -> str:
     return f"crash (exit status {returncode})"
 
 
-def tell(trial: optuna.Trial, result: TrialResult, budget_gib: float) -> TrialState:
+@dataclasses.dataclass
+class Verdict:
+    """What Optuna stores of a trial's result (`tell` puts it on the running trial)."""
+
+    state: TrialState
+    attrs: dict
+    values: list[float] | None = None
+    constraint: float | None = None  # `vram_budget_gb`: feasible when <= 0
+
+
+def verdict(result: TrialResult, budget_gib: float, metric_name: str) -> Verdict:
     """Values [metric, peak GiB] to Optuna; everything else as user attributes.
 
     Memory is a constraint as well as an objective: `peak - vram_budget_gb` must stay <= 0.
@@ -369,28 +387,55 @@ def tell(trial: optuna.Trial, result: TrialResult, budget_gib: float) -> TrialSt
         }
     if result.status == Status.FAILED and result.metrics:  # measured, then e.g. not saved
         attrs["metrics"] = result.metrics
-    for key, value in attrs.items():
-        trial.set_user_attr(key, value)
-    study = trial.study
     if result.status == Status.SUCCESS:
-        metric = result.metrics[study.user_attrs["metric"]]
+        metric = result.metrics[metric_name]
         if metric is None:  # e.g. no AlpacaEval judge reachable: never a silent substitute
             metric = -result.last_val_loss
-            trial.set_user_attr(
-                "objective_fallback",
-                f"-validation loss ({result.metrics.get('judge_error', 'metric missing')})",
-            )
+            why_missing = result.metrics.get("judge_error", "metric missing")
+            attrs["objective_fallback"] = f"-validation loss ({why_missing})"
         over = result.peak_memory_gib - budget_gib if budget_gib else 0.0
-        trial.set_constraint("vram_budget_gb", over)
         if over > 0:
-            trial.set_user_attr("reason", "over_budget")
-        study.tell(trial, [metric, result.peak_memory_gib])
-        return TrialState.COMPLETE
+            attrs["reason"] = "over_budget"
+        return Verdict(TrialState.COMPLETE, attrs, [metric, result.peak_memory_gib], over)
     if result.status == Status.INFEASIBLE:  # out of memory: as far over the budget as it got
         peak = result.peak_memory_gib or 0.0
-        trial.set_constraint("vram_budget_gb", 1.0 + max(0.0, peak - budget_gib))
-        study.tell(trial, [0.0, peak])
-        return TrialState.COMPLETE
-    state = TrialState.PRUNED if result.status == Status.PRUNED else TrialState.FAIL
-    study.tell(trial, state=state)
-    return state
+        over = 1.0 + max(0.0, peak - budget_gib)
+        return Verdict(TrialState.COMPLETE, attrs, [0.0, peak], over)
+    return Verdict(TrialState.PRUNED if result.status == Status.PRUNED else TrialState.FAIL, attrs)
+
+
+def tell(trial: optuna.Trial, result: TrialResult, budget_gib: float) -> TrialState:
+    """The result onto the running trial (`verdict`)."""
+    study = trial.study
+    judged = verdict(result, budget_gib, study.user_attrs.get("metric", ""))
+    for key, value in judged.attrs.items():
+        trial.set_user_attr(key, value)
+    if judged.constraint is not None:
+        trial.set_constraint("vram_budget_gb", judged.constraint)
+    study.tell(trial, judged.values, state=judged.state if judged.values is None else None)
+    return judged.state
+
+
+def keep(
+    trial: optuna.Trial, result: TrialResult, budget_gib: float
+) -> tuple[int | None, TrialState]:
+    """Store the result of a trial that another sweep on the same storage already ended (it
+    judged this one dead: its heartbeat went stale while this host stalled, so it failed the
+    trial and queued its parameters again) as a trial of its own: a finished result is never
+    lost, and the sweep goes on. Optuna cannot reopen a finished trial; `add_trial` is its way
+    to store one that ran elsewhere. Returns the new trial's number (None: nothing to keep) and
+    state."""
+    study = trial.study
+    judged = verdict(result, budget_gib, study.user_attrs.get("metric", ""))
+    if judged.state == TrialState.FAIL:  # the other sweep's FAIL says as much
+        return None, TrialState.FAIL
+    attrs = trial.user_attrs | judged.attrs | {"taken_over_from": trial.number}
+    constraints = {} if judged.constraint is None else {"vram_budget_gb": judged.constraint}
+    frozen = optuna.trial.create_trial(
+        state=judged.state, values=judged.values, params=trial.params,
+        distributions=trial.distributions, user_attrs=attrs, constraints=constraints,
+    )  # fmt: skip
+    study.add_trial(frozen)  # returns nothing; other sweeps may add trials meanwhile
+    kept = [t for t in study.get_trials(deepcopy=False, states=(judged.state,))
+            if t.user_attrs.get("taken_over_from") == trial.number]  # fmt: skip
+    return kept[-1].number, judged.state

@@ -226,3 +226,33 @@ def test_an_artifact_store_that_vanishes_mid_run_loses_nothing(tmp_path, tiny_mo
         run_id = trial.user_attrs["mlflow_run_id"]
         assert list(store.glob(f"*/{run_id}/artifacts/adapter/adapter_model.safetensors"))
     assert _mlflow_status(tmp_path)  # the tracking database is readable
+
+
+def test_a_trial_another_sweep_failed_meanwhile_keeps_its_result(tmp_path, tiny_model, shared_data):
+    """Another sweep on the same storage can judge a running trial dead (its heartbeat went
+    stale while this host stalled) and fail it; when the trial then finishes, its result is
+    stored as a trial of its own with one line, not a traceback from Optuna's tell."""
+    cfg = write_config(tmp_path, tiny_model, shared_data)
+    sweep = start_sweep(cfg, "train.max_steps=60", "n_trials=1")
+    spec = trial_folder(tmp_path, 0) / "spec.json"
+    try:
+        _child_pid(spec)  # training: the other sweep fails it now, as fail_orphans does
+        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/storage/optuna.db")
+        study = optuna.load_study(study_name="tiny", storage=storage)
+        (running,) = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+        storage.set_trial_state_values(running._trial_id, state=optuna.trial.TrialState.FAIL)
+        out, err = sweep.communicate(timeout=240)
+    finally:
+        sweep.kill()
+        subprocess.run(["pkill", "-9", "-f", str(spec)])
+    assert sweep.returncode == 0 and "Traceback" not in err, err[-2000:]
+    assert "trial 0: another sweep on this storage marked it failed while it ran" in out
+    assert "its result is stored as trial 1" in out
+    failed, kept = study_trials(tmp_path)
+    assert failed.state.name == "FAIL" and kept.state.name == "COMPLETE"
+    assert kept.params == failed.params and kept.user_attrs["taken_over_from"] == 0
+    assert kept.user_attrs["steps"] == 60 and 0.0 <= kept.values[0] <= 1.0
+    assert kept.values[1] == kept.user_attrs["peak_memory_gib"] > 0
+    assert kept.user_attrs["mlflow_run_id"] == failed.user_attrs["mlflow_run_id"]
+    assert "vram_budget_gb" in kept.constraints
+    assert _mlflow_status(tmp_path)["trial-0"] == "FINISHED"
