@@ -5,7 +5,9 @@ peak recorded by the study's trials of the same model and method, times a safety
 A model not seen yet is expected to need the whole memory budget (each trial caps itself to
 it) plus room for its CUDA context to grow, so packing starts conservatively; it tightens as soon
 as the first trials report their peak after a training step (progress events), and again
-when they finish. A trial that runs out of memory anyway resets its model's estimate.
+when they finish. A trial that runs out of memory anyway resets its model's estimate; if it
+shared its card (`Slot.shared`), the card may have run out rather than the trial's own
+budget, so the sweep runs it again (sweep/trial.py, `shared_oom`).
 The sweep process never imports torch: card sizes come from NVML (nvidia-ml-py) or
 `nvidia-smi`.
 """
@@ -39,6 +41,7 @@ class Slot:
     key: tuple[str, str]  # (model, method)
     threads: int | None = None  # CPU threads per trial when several share the host
     extra: dict[str, str] = dataclasses.field(default_factory=dict)  # e.g. the MPS daemon's
+    shared: bool = False  # another trial ran on its GPU at some time while it ran
 
     def env(self) -> dict[str, str]:
         """Environment of the trial process: its GPU, its share of the CPU cores, and what
@@ -158,6 +161,10 @@ class Placement:
                     return None
                 slot = Slot(gpu, self.estimate(key) if self.per_gpu is None else 0.0, key,
                             self.threads, self.extra_env)  # fmt: skip
+                neighbours = [s for s in self.running if s.gpu == gpu]
+                for other in neighbours:
+                    other.shared = True
+                slot.shared = bool(neighbours)
             self.running.append(slot)
             return slot
 

@@ -30,7 +30,15 @@ from sweep.placement import Placement, learned_peaks
 from sweep.results import Status
 from sweep.space import suggest
 from sweep.tracking import Tracker
-from sweep.trial import Heartbeat, ask, is_mine, owner_gone, run_one, upload_pending
+from sweep.trial import (
+    SHARED_OOM,
+    Heartbeat,
+    ask,
+    is_mine,
+    owner_gone,
+    run_one,
+    upload_pending,
+)
 
 MAX_SPARES = 4  # trial processes kept imported ahead per GPU (each holds ~0.6 GiB of RAM)
 SPARE_GIB = 1.0  # host memory counted per spare (imports, CUDA libraries mapped) when many start
@@ -262,7 +270,8 @@ def run_and_report(cfg, study_cfg, trial, params, companion, tracker, placement,
         if given:
             return
         given.append(True)
-        oom = result is not None and result.status == Status.INFEASIBLE
+        oom = result is not None and (result.status == Status.INFEASIBLE
+                                      or result.error.startswith(SHARED_OOM))  # fmt: skip
         held = (
             max(result.peak_memory_gib or 0.0, result.eval_peak_memory_gib or 0.0) if result else 0
         )

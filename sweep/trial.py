@@ -22,7 +22,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from sweep import folders, live, trial_process
+from sweep import checks, folders, live, trial_process
 from sweep.config import Config, Model, Study
 from sweep.placement import Slot
 from sweep.results import Status, TrialResult
@@ -90,6 +90,12 @@ def run_one(
     kills_after = trial_process.oom_kills()
     oom_killed = kills_before is not None and kills_after is not None and kills_after > kills_before
     result = outcome(ended, worker.returncode, trial_dir, watch.last, oom_killed)
+    # retries left (Optuna's callback counts them in `retry_history`): run it again
+    history = trial.storage.get_trial_system_attrs(trial._trial_id).get("retry_history", [])
+    left = len(history) < study_cfg.retries
+    again = shared_oom(result, slot, trial.user_attrs) if left else ""
+    if again:
+        result = dataclasses.replace(result, status=Status.FAILED, error=f"{again}\n{result.error}")
     # a worker whose trial succeeded or was pruned keeps its base for the next trial
     trial_process.release(worker, ended, result.status in (Status.SUCCESS, Status.PRUNED))
     try:
@@ -99,6 +105,11 @@ def run_one(
         kept = f"its result is stored as trial {number}" if number is not None else "it failed"
         print(f"trial {trial.number}: another sweep on this storage marked it failed while it "
               f"ran (its heartbeat went stale: a stalled host?); {kept}", flush=True)  # fmt: skip
+    if again and state == TrialState.FAIL:
+        checks.RetryOrphans(study_cfg.retries)(
+            trial.study, trial.study._storage.get_trial(trial._trial_id)
+        )
+        print(f"trial {trial.number}: {again.split(': ', 1)[1]}", flush=True)
     # the mirror (validation losses for the pruner) may have been ended with it
     if state == TrialState.COMPLETE and result.last_val_loss is not None:
         companion.tell(mirror, result.last_val_loss, skip_if_finished=True)
@@ -110,6 +121,28 @@ def run_one(
         tracker, trial.study, trial.number, run_id, trial_dir, MLFLOW_STATE[stored], result
     )
     return state, result
+
+
+SHARED_OOM = "oom_shared"
+
+
+def shared_oom(result: TrialResult, slot: Slot | None, attrs: dict) -> str:
+    """Why a trial that ran out of GPU memory while other trials shared its card is run again
+    instead of stored infeasible ("" if it is not such a trial). Packing plans with learned
+    peaks x a margin; a configuration that needs more than the learned peak can exhaust the
+    card though it would fit its own budget alone, and storing it infeasible would teach the
+    sampler a falsehood. The sweep queues it again (`retries`, Optuna's retry callback): the
+    OOM reset its model's estimate to the whole budget, so the retry gets its budget's room.
+    A retry that runs out of memory again (`attrs`: its own, inherited from the failed
+    attempt: `reason` says so) is infeasible as usual."""
+    oom = result.status == Status.INFEASIBLE and result.error.startswith("oom: ")
+    if not oom or slot is None or slot.gpu is None or not slot.shared:
+        return ""
+    if "killed by the kernel" in result.error or attrs.get("reason") == SHARED_OOM:
+        return ""  # host memory (the kernel's OOM killer), or already run again once
+    peak = result.peak_memory_gib or 0.0
+    return (f"{SHARED_OOM}: out of GPU memory while other trials shared the card (peak "
+            f"{peak:.2f} GiB); queued again with room for its budget")  # fmt: skip
 
 
 PENDING = "mlflow_pending:"  # study attribute per trial whose MLflow upload failed

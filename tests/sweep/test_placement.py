@@ -140,3 +140,20 @@ def test_auto_without_a_memory_figure_is_one_clear_error(monkeypatch):
 def test_bad_gpu_lists(text):
     with pytest.raises(ConfigError, match="--gpus"):
         placement.parse_gpus(text)
+
+
+def test_a_slot_knows_whether_another_trial_shared_its_card(h200):
+    """`shared`: another trial ran on the same GPU at some time while it ran (a later one
+    too), which decides whether its out-of-memory is the card's or its own (sweep/trial.py)."""
+    p = Placement([0, 1], 1, 1, budget_gib=24.0, learned={}, cores=64)
+    key = ("qwen2.5-0.5b", "qlora")
+    alone, other_card = p.take(key), p.take(key)
+    assert {alone.gpu, other_card.gpu} == {0, 1} and not alone.shared and not other_card.shared
+    p = Placement([0], 2, 1, budget_gib=24.0, learned={}, cores=64)
+    first = p.take(key)
+    assert not first.shared
+    second = p.take(key)
+    assert first.shared and second.shared
+    p.give(second, 5.0, False)
+    third = p.take(key)
+    assert third.shared

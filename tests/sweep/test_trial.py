@@ -132,3 +132,78 @@ def test_an_mlflow_failure_is_said_recorded_and_uploaded_by_the_next_run(tmp_pat
     assert study.user_attrs["mlflow_pending:3"] is None
     upload_pending(study, tracker)  # nothing left: no second upload
     assert len(tracker.finished) == 1
+
+
+OOM = "oom: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+
+
+@pytest.mark.parametrize(
+    "error, gpu, shared, reason, again",
+    [
+        (OOM, 0, True, "", True),  # the card may have run out: run it again
+        (OOM, 0, False, "", False),  # alone on its card: its own OOM, infeasible
+        (OOM, None, False, "", False),  # not on a GPU
+        (OOM, 0, True, "oom_shared", False),  # a retry of a shared OOM: infeasible now
+        ("oom: killed by the kernel's OOM killer", 0, True, "", False),  # host memory
+    ],
+)
+def test_an_out_of_memory_on_a_shared_card_is_run_again(error, gpu, shared, reason, again):
+    from sweep.placement import Slot
+    from sweep.trial import shared_oom
+
+    slot = Slot(gpu, 0.0, ("m", "qlora"), shared=shared)
+    result = TrialResult(Status.INFEASIBLE, error=error, peak_memory_gib=7.5)
+    said = shared_oom(result, slot, {"reason": reason} if reason else {})
+    assert bool(said) == again
+    assert not said or said.startswith("oom_shared: out of GPU memory while other trials shared")
+
+
+def test_a_shared_oom_is_queued_again_and_its_retry_stored_as_measured(
+    tmp_path, monkeypatch, tiny_model, shared_data, capsys
+):
+    """run_one with the trial process replaced by one that runs out of GPU memory: on a card
+    it shared, the trial fails (`oom_shared`) and its parameters are queued again; the retry,
+    out of memory again, is infeasible with its peak, as a trial alone would be."""
+    from sweep import config, trial
+    from sweep.placement import Slot
+    from tests.conftest import write_config
+
+    cfg = config.load(write_config(tmp_path, tiny_model, shared_data), study="tiny")
+    study_cfg = cfg.studies["tiny"]
+    oom = TrialResult(Status.INFEASIBLE, error=OOM, peak_memory_gib=7.5, memory_kind="cuda_process")
+    monkeypatch.setattr(
+        trial_process, "launch", lambda *a, **k: type("W", (), {"returncode": 0, "proc": None})()
+    )
+    monkeypatch.setattr(trial_process, "follow", lambda *a, **k: "exited")
+    monkeypatch.setattr(trial_process, "release", lambda *a, **k: None)
+    monkeypatch.setattr(trial, "outcome", lambda *a, **k: oom)
+
+    class Tracker:
+        def start_trial(self, number, params, tags):
+            return f"run-{number}"
+
+        def finish_trial(self, run_id, result, trial_dir, state):
+            pass
+
+    storage = f"sqlite:///{tmp_path}/o.db"
+    study = optuna.create_study(
+        storage=storage, study_name="tiny", directions=["maximize", "minimize"]
+    )
+    study.set_user_attr("metric", "accuracy")
+    companion = optuna.create_study(storage=storage, study_name="tiny--val-loss")
+    params = {"model": "tiny", "r": 8, "alpha_multiple": 2.0, "lr": 3e-4}
+    stored = []
+    for _ in range(2):
+        asked = trial.ask(study)
+        for name, value in params.items():
+            asked.suggest_categorical(name, [value])
+        slot = Slot(0, 0.0, ("tiny", "qlora"), shared=True)
+        state, _ = trial.run_one(cfg, study_cfg, asked, params, companion, Tracker(), slot,
+                                 on_stored=stored.append)  # fmt: skip
+    first, retry = study.trials
+    assert first.state.name == "FAIL" and first.user_attrs["reason"] == "oom_shared"
+    assert "queued again" in capsys.readouterr().out
+    assert retry.params == first.params and retry.system_attrs["failed_trial"] == first.number
+    assert retry.state.name == "COMPLETE" and retry.values == [0.0, 7.5]
+    assert retry.constraints["vram_budget_gb"] >= 1.0 and retry.user_attrs["reason"] == "oom"
+    assert stored[0].error.startswith("oom_shared") and stored[1].status == Status.INFEASIBLE
