@@ -167,14 +167,21 @@ class Workers:
 
 def launch_trials(cfg, study_cfg, study, companion, tracker, placement, workers, total: int,
                   timeout_s: float | None) -> None:  # fmt: skip
-    """Start up to `total` trials, each when placement has a slot for it."""
+    """Start up to `total` trials, each when placement has a slot for it, and the retries of
+    those that ran out of memory on a shared card (`retried`: they replace their trial)."""
     started, launched, checked = time.monotonic(), 0, time.monotonic()
     warm = study_cfg.worker_trials > 1
+    retried: list[int] = []
 
     def tend(key: tuple[str, str]) -> None:
         trim_spares(placement, total - launched, warm, key)
 
-    while launched < total:
+    while True:
+        if launched >= total + len(retried):
+            if not workers.running() or trial_process.INTERRUPT.is_set():
+                return
+            time.sleep(0.2)  # a trial still running may yet be queued again
+            continue
         while placement.full() and not trial_process.INTERRUPT.is_set():
             placement.wait(0.2)
         if timeout_s and time.monotonic() - started > timeout_s:
@@ -209,7 +216,7 @@ def launch_trials(cfg, study_cfg, study, companion, tracker, placement, workers,
             spare_room(),
         )
         workers.start(run_and_report, cfg, study_cfg, trial, params, companion, tracker,
-                      placement, slot, spares)  # fmt: skip
+                      placement, slot, spares, retried)  # fmt: skip
         launched += 1
 
 
@@ -263,7 +270,7 @@ def wait_for_slot(placement: Placement, trial: optuna.Trial, params: dict,
 
 
 def run_and_report(cfg, study_cfg, trial, params, companion, tracker, placement, slot,
-                   spares: int) -> None:  # fmt: skip
+                   spares: int, retried: list[int] | None = None) -> None:  # fmt: skip
     given = []
 
     def give(result=None) -> None:  # the slot, once: when the trial is stored, or on an error
@@ -278,10 +285,12 @@ def run_and_report(cfg, study_cfg, trial, params, companion, tracker, placement,
         placement.give(slot, held or None, oom)
 
     try:
-        state, _ = run_one(cfg, study_cfg, trial, params, companion, tracker, slot, spares,
-                           lambda gib: placement.observe(slot, gib), give)  # fmt: skip
+        state, result = run_one(cfg, study_cfg, trial, params, companion, tracker, slot, spares,
+                                lambda gib: placement.observe(slot, gib), give)  # fmt: skip
     finally:
         give()
+    if retried is not None and result.error.startswith(SHARED_OOM):
+        retried.append(trial.number)  # queued again: its retry runs in this sweep
     study = trial.study
     console.print(f"trial {trial.number} {state.name.lower()} {_summary(study, trial.number)}")
 

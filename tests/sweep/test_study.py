@@ -342,3 +342,40 @@ def test_a_sweep_never_fails_its_own_running_trials_as_stale(tmp_path):
     states = {t.number: t.state.name for t in study.get_trials()}
     assert states == {ours.number: "RUNNING", foreign.number: "FAIL"}
     assert companion.get_trials()[0].state.name == "RUNNING"
+
+
+def test_the_retries_of_shared_card_ooms_run_in_the_same_sweep(tmp_path, monkeypatch):
+    """A trial queued again after running out of memory on a shared card (sweep/trial.py
+    `shared_oom`) is replaced by its retry: `--n-trials 3` with two such trials runs five."""
+    import optuna
+
+    from sweep import config
+    from sweep import study as sweep_study
+    from sweep.placement import Placement
+
+    cfg = config.load(write_config(tmp_path, tmp_path, tmp_path), study="tiny")
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    companion = optuna.create_study()
+    ran = []
+
+    def run_and_report(cfg, study_cfg, trial, params, companion, tracker, placement, slot,
+                       spares, retried):  # fmt: skip
+        time.sleep(0.3)
+        ran.append(trial.number)
+        placement.give(slot, None, False)
+        if trial.number in (0, 2):  # as run_one does: failed, queued again
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            study.enqueue_trial(trial.params)
+            retried.append(trial.number)
+        else:
+            study.tell(trial, [0.5, 1.0])
+
+    monkeypatch.setattr(sweep_study, "run_and_report", run_and_report)
+    placement = Placement(None, None, 2, budget_gib=0.0, learned={})
+    workers = sweep_study.Workers()
+    sweep_study.launch_trials(cfg, cfg.studies["tiny"], study, companion, None, placement,
+                              workers, 3, None)  # fmt: skip
+    workers.join()
+    assert sorted(ran) == [0, 1, 2, 3, 4]
+    states = [t.state.name for t in study.trials]
+    assert states.count("FAIL") == 2 and states.count("COMPLETE") == 3
