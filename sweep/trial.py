@@ -102,6 +102,7 @@ def run_one(
         state = stored = tell(trial, result, study_cfg.vram_budget_gb)
     except optuna.exceptions.UpdateFinishedTrialError:  # another sweep ended it meanwhile
         state, (number, stored) = TrialState.FAIL, keep(trial, result, study_cfg.vram_budget_gb)
+        again = ""  # that sweep queued it again already
         kept = f"its result is stored as trial {number}" if number is not None else "it failed"
         print(f"trial {trial.number}: another sweep on this storage marked it failed while it "
               f"ran (its heartbeat went stale: a stalled host?); {kept}", flush=True)  # fmt: skip
