@@ -180,7 +180,7 @@ def launch_trials(cfg, study_cfg, study, companion, tracker, placement, workers,
         if launched >= total + len(retried):
             if not workers.running() or trial_process.INTERRUPT.is_set():
                 return
-            time.sleep(0.2)  # a trial still running may yet be queued again
+            placement.wait(0.2)  # a trial still running may yet be queued again
             continue
         while placement.full() and not trial_process.INTERRUPT.is_set():
             placement.wait(0.2)
@@ -277,20 +277,20 @@ def run_and_report(cfg, study_cfg, trial, params, companion, tracker, placement,
         if given:
             return
         given.append(True)
-        oom = result is not None and (result.status == Status.INFEASIBLE
-                                      or result.error.startswith(SHARED_OOM))  # fmt: skip
+        shared_oom = result is not None and result.error.startswith(SHARED_OOM)
+        if shared_oom and retried is not None:
+            retried.append(trial.number)  # queued again: its retry runs in this sweep
+        oom = shared_oom or (result is not None and result.status == Status.INFEASIBLE)
         held = (
             max(result.peak_memory_gib or 0.0, result.eval_peak_memory_gib or 0.0) if result else 0
         )
         placement.give(slot, held or None, oom)
 
     try:
-        state, result = run_one(cfg, study_cfg, trial, params, companion, tracker, slot, spares,
-                                lambda gib: placement.observe(slot, gib), give)  # fmt: skip
+        state, _ = run_one(cfg, study_cfg, trial, params, companion, tracker, slot, spares,
+                           lambda gib: placement.observe(slot, gib), give)  # fmt: skip
     finally:
         give()
-    if retried is not None and result.error.startswith(SHARED_OOM):
-        retried.append(trial.number)  # queued again: its retry runs in this sweep
     study = trial.study
     console.print(f"trial {trial.number} {state.name.lower()} {_summary(study, trial.number)}")
 

@@ -90,10 +90,7 @@ def run_one(
     kills_after = trial_process.oom_kills()
     oom_killed = kills_before is not None and kills_after is not None and kills_after > kills_before
     result = outcome(ended, worker.returncode, trial_dir, watch.last, oom_killed)
-    # retries left (Optuna's callback counts them in `retry_history`): run it again
-    history = trial.storage.get_trial_system_attrs(trial._trial_id).get("retry_history", [])
-    left = len(history) < study_cfg.retries
-    again = shared_oom(result, slot, trial.user_attrs) if left else ""
+    again = shared_oom(result, slot, trial, study_cfg.retries)
     if again:
         result = dataclasses.replace(result, status=Status.FAILED, error=f"{again}\n{result.error}")
     # a worker whose trial succeeded or was pruned keeps its base for the next trial
@@ -106,7 +103,7 @@ def run_one(
         kept = f"its result is stored as trial {number}" if number is not None else "it failed"
         print(f"trial {trial.number}: another sweep on this storage marked it failed while it "
               f"ran (its heartbeat went stale: a stalled host?); {kept}", flush=True)  # fmt: skip
-    if again and state == TrialState.FAIL:
+    if again:  # stored as FAIL above
         checks.RetryOrphans(study_cfg.retries)(
             trial.study, trial.study._storage.get_trial(trial._trial_id)
         )
@@ -127,20 +124,25 @@ def run_one(
 SHARED_OOM = "oom_shared"
 
 
-def shared_oom(result: TrialResult, slot: Slot | None, attrs: dict) -> str:
+def shared_oom(result: TrialResult, slot: Slot | None, trial: optuna.Trial, retries: int) -> str:
     """Why a trial that ran out of GPU memory while other trials shared its card is run again
     instead of stored infeasible ("" if it is not such a trial). Packing plans with learned
     peaks x a margin; a configuration that needs more than the learned peak can exhaust the
     card though it would fit its own budget alone, and storing it infeasible would teach the
     sampler a falsehood. The sweep queues it again (`retries`, Optuna's retry callback): the
     OOM reset its model's estimate to the whole budget, so the retry gets its budget's room.
-    A retry that runs out of memory again (`attrs`: its own, inherited from the failed
-    attempt: `reason` says so) is infeasible as usual."""
+    A retry that runs out of memory again (its `reason`, inherited from the failed attempt,
+    says so) or one without retries left is infeasible as usual. The trial's attributes are
+    read from storage only for such an OOM, not for every trial."""
     oom = result.status == Status.INFEASIBLE and result.error.startswith("oom: ")
     if not oom or slot is None or slot.gpu is None or not slot.shared:
         return ""
-    if "killed by the kernel" in result.error or attrs.get("reason") == SHARED_OOM:
-        return ""  # host memory (the kernel's OOM killer), or already run again once
+    if "killed by the kernel" in result.error:
+        return ""  # host memory (the kernel's OOM killer)
+    # retries left (Optuna's callback counts them in `retry_history`), not run again once
+    history = trial.storage.get_trial_system_attrs(trial._trial_id).get("retry_history", [])
+    if len(history) >= retries or trial.user_attrs.get("reason") == SHARED_OOM:
+        return ""
     peak = result.peak_memory_gib or 0.0
     return (f"{SHARED_OOM}: out of GPU memory while other trials shared the card (peak "
             f"{peak:.2f} GiB); queued again with room for its budget")  # fmt: skip

@@ -153,7 +153,10 @@ def test_an_out_of_memory_on_a_shared_card_is_run_again(error, gpu, shared, reas
 
     slot = Slot(gpu, 0.0, ("m", "qlora"), shared=shared)
     result = TrialResult(Status.INFEASIBLE, error=error, peak_memory_gib=7.5)
-    said = shared_oom(result, slot, {"reason": reason} if reason else {})
+    trial = optuna.create_study().ask()
+    if reason:
+        trial.set_user_attr("reason", reason)
+    said = shared_oom(result, slot, trial, retries=1)
     assert bool(said) == again
     assert not said or said.startswith("oom_shared: out of GPU memory while other trials shared")
 
