@@ -26,8 +26,9 @@
 # Trials of one storage run resumably: a call cut short keeps every finished trial.
 # STUDY=squad-curves (default sst2-curves): the second table, docs/curves/squad-smollm2.json.xz,
 # with the product's defaults (labelled logits), the same steps; its trials are longer (240
-# tokens a row on average against SST-2's ~45, and F1 on 2,777 generated answers): not sized
-# on the GPU yet, so `packed` and `more` stop starting trials after PACKED_S and a second
+# tokens a row on average against SST-2's ~45, and F1 on 2,777 generated answers): over 165 s a
+# trial alone (session 30; docs/pruning.md), so `packed` and `more` stop starting trials after
+# PACKED_S (take 120 until packed trials' wall times are known) and a second
 # session goes on with `more` (PART_SEED=1); after `more` (on this machine, any call since),
 # `seeds` repeats the best of the committed table and this storage, and `table` extends it.
 set -u
@@ -43,6 +44,7 @@ configs=${CONFIGS:-100}; top=${TOP:-10}  # configurations in the table; best one
 [ "$study" = sst2-curves ] && sets+=(--set train.labelled_logits=false)
 run() { python3 -m sweep run --study "$study" "${sets[@]}" "$@" 2>&1 |
   grep -E "^trial [0-9]+ (complete|fail|pruned)|error|Error" | tail -n 400; }
+numbers() { python3 -c "import optuna; s=optuna.load_study(study_name='$study', storage='$main'); print(','.join(str(t.number) for t in s.trials))" 2>/dev/null; }  # every trial in $main
 stored() { python3 -c "import optuna; s=optuna.load_study(study_name='$study', storage='$main'); print(sum(t.state.name == 'COMPLETE' for t in s.trials))" 2>/dev/null || echo 0; }  # finished trials in $main (a failed one is run again)
 mkdir -p /tmp/curves "$out"
 for step in "$@"; do
@@ -70,7 +72,11 @@ shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)" > /tmp/site/
     python3 -m sweep prepare 2>&1 | tail -2; [ "${PIPESTATUS[0]}" = 0 ] || exit 1 ;;
   alone)  # the cost model: trials alone on the card; none started after ALONE_S (a SQuAD
     # trial alone took over 165 s in session 30: three did not end within a call's 497 s)
-    run --storage $main --gpus 0 --n-trials 3 --timeout "${ALONE_S:-100000}" ;;
+    before=",$(numbers),"
+    run --storage $main --gpus 0 --n-trials 3 --timeout "${ALONE_S:-100000}"
+    # the trials this step ran, for `table`'s cost model (packed ones may follow in between)
+    for n in $(numbers | tr , ' '); do [[ $before == *",$n,"* ]] || echo "$n"; done \
+      >> /tmp/curves/alone ;;
   packed)  # the rest, packed; stops starting trials after ${PACKED_S:-360} s
     left=$((configs - $(stored)))
     [ "$left" -gt 0 ] && run --storage $main --gpus 0 --trials-per-gpu "${PER_GPU:-12}" \
@@ -105,7 +111,9 @@ shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)" > /tmp/site/
   table)
     storages=(--storage $main)
     for seed in 1 2; do [ -f /tmp/curves/seed$seed.db ] && storages+=(--storage sqlite:////tmp/curves/seed$seed.db); done
-    python3 -m sweep curves --study "$study" "${storages[@]}" ${extend[@]:---alone 0,1,2} \
+    alone=$(paste -sd, /tmp/curves/alone 2>/dev/null); alone=(--alone "${alone:-0,1,2}")
+    [ ${#extend[@]} -gt 0 ] && alone=("${extend[@]}")
+    python3 -m sweep curves --study "$study" "${storages[@]}" "${alone[@]}" \
       --out "$out/$(basename "$table")" 2>&1 | tail -3 ;;
   esac
   # the storages come back after every step: a call cut short at its limit keeps what ended
