@@ -13,7 +13,8 @@
 #   call 4 (same machine, still warm): bash tests/gpu/curves.sh OUT packed seeds table
 # or in two calls with the xz-compressed parts (session 30; inputs.sh makes them too):
 #   call 1 (carry .whl, data/gguf-parts/xz.aa):      bash tests/gpu/curves.sh OUT install
-#   call 2 (carry data/gguf-parts/xz.ab, data/gpu-sample/squad or data/gpu-sample):
+#   call 2 (carry data/gguf-parts/xz.ab and data/gpu-sample/squad, or .../sst2 for SST-2: the
+#   whole data/gpu-sample with xz.ab is over a call's 64 MiB):
 #       bash tests/gpu/curves.sh OUT model alone table
 #   the live run (after `model`; docs/pruning.md): bash tests/gpu/curves.sh OUT live
 # More configurations for the committed table (its storage is gone with the machine it ran
