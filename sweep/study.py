@@ -270,7 +270,7 @@ def wait_for_slot(placement: Placement, trial: optuna.Trial, params: dict,
 
 
 def run_and_report(cfg, study_cfg, trial, params, companion, tracker, placement, slot,
-                   spares: int, retried: list[int] | None = None) -> None:  # fmt: skip
+                   spares: int, retried: list[int]) -> None:  # fmt: skip
     given = []
 
     def give(result=None) -> None:  # the slot, once: when the trial is stored, or on an error
@@ -278,7 +278,7 @@ def run_and_report(cfg, study_cfg, trial, params, companion, tracker, placement,
             return
         given.append(True)
         shared_oom = result is not None and result.error.startswith(SHARED_OOM)
-        if shared_oom and retried is not None:
+        if shared_oom:
             retried.append(trial.number)  # queued again: its retry runs in this sweep
         oom = shared_oom or (result is not None and result.status == Status.INFEASIBLE)
         held = (
