@@ -45,8 +45,8 @@ configs=${CONFIGS:-100}; top=${TOP:-10}  # configurations in the table; best one
 [ "$study" = sst2-curves ] && sets+=(--set train.labelled_logits=false)
 run() { python3 -m sweep run --study "$study" "${sets[@]}" "$@" 2>&1 |
   grep -E "^trial [0-9]+ (complete|fail|pruned)|error|Error" | tail -n 400; }
-numbers() { python3 -c "import optuna; s=optuna.load_study(study_name='$study', storage='$main'); print(','.join(str(t.number) for t in s.trials))" 2>/dev/null; }  # every trial in $main
-stored() { python3 -c "import optuna; s=optuna.load_study(study_name='$study', storage='$main'); print(sum(t.state.name == 'COMPLETE' for t in s.trials))" 2>/dev/null || echo 0; }  # finished trials in $main (a failed one is run again)
+numbers() { python3 -c "import optuna; s=optuna.load_study(study_name='$study', storage='$main'); print(' '.join(str(t.number) for t in s.trials if '${1:-}' in ('', t.state.name)))" 2>/dev/null; }  # trials in $main (with a state: those only)
+stored() { numbers COMPLETE | wc -w; }  # finished trials in $main (a failed one is run again)
 mkdir -p /tmp/curves "$out"
 for step in "$@"; do
   extend=(); [ -f /tmp/curves/more ] && [ -f "$table" ] && extend=(--extend "$table")
@@ -73,11 +73,10 @@ shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)" > /tmp/site/
     python3 -m sweep prepare 2>&1 | tail -2; [ "${PIPESTATUS[0]}" = 0 ] || exit 1 ;;
   alone)  # the cost model: trials alone on the card; none started after ALONE_S (a SQuAD
     # trial alone took over 165 s in session 30: three did not end within a call's 497 s)
-    before=",$(numbers),"
+    before=" $(numbers) "
     run --storage $main --gpus 0 --n-trials 3 --timeout "${ALONE_S:-100000}"
     # the trials this step ran, for `table`'s cost model (packed ones may follow in between)
-    for n in $(numbers | tr , ' '); do [[ $before == *",$n,"* ]] || echo "$n"; done \
-      >> /tmp/curves/alone ;;
+    for n in $(numbers); do [[ $before == *" $n "* ]] || echo "$n"; done >> /tmp/curves/alone ;;
   packed)  # the rest, packed; stops starting trials after ${PACKED_S:-360} s
     left=$((configs - $(stored)))
     [ "$left" -gt 0 ] && run --storage $main --gpus 0 --trials-per-gpu "${PER_GPU:-12}" \
