@@ -15,7 +15,7 @@
 #   call 1 (carry .whl, data/gguf-parts/xz.aa):      bash tests/gpu/curves.sh OUT install
 #   call 2 (carry data/gguf-parts/xz.ab and data/gpu-sample/squad, or .../sst2 for SST-2: the
 #   whole data/gpu-sample with xz.ab is over a call's 64 MiB):
-#       bash tests/gpu/curves.sh OUT model alone table
+#       bash tests/gpu/curves.sh OUT model alone table   (STOP_AT=540: ends inside a 600 s call)
 #   the live run (after `model`; docs/pruning.md): bash tests/gpu/curves.sh OUT live
 # More configurations for the committed table (its storage is gone with the machine it ran
 # on): `more` draws them with RandomSampler(seed=$PART_SEED, default 1) into a new storage up
@@ -43,7 +43,12 @@ sets=(--set "data.dir=$PWD/data/gpu-sample")
 for s in ${CURVES_SET:-}; do sets+=(--set "$s"); done  # a dry run at toy size (docs/pruning.md)
 configs=${CONFIGS:-100}; top=${TOP:-10}  # configurations in the table; best ones seeds repeat
 [ "$study" = sst2-curves ] && sets+=(--set train.labelled_logits=false)
-run() { python3 -m sweep run --study "$study" "${sets[@]}" "$@" 2>&1 |
+# STOP_AT (seconds from the script's start): a sweep still running then is interrupted (Ctrl-C:
+# its finished trials stay stored, running ones fail) so the call ends inside its limit and
+# brings its storages back (a call that runs over loses the machine and them, session 30)
+run() { local left=$(( ${STOP_AT:-100000} - (SECONDS - started) ))
+  [ "$left" -gt 10 ] || { echo "no time left before STOP_AT"; return 0; }
+  timeout -s INT -k 30 "$left" python3 -m sweep run --study "$study" "${sets[@]}" "$@" 2>&1 |
   grep -E "^trial [0-9]+ (complete|fail|pruned)|error|Error" | tail -n 400; }
 numbers() { python3 -c "import optuna; s=optuna.load_study(study_name='$study', storage='$main'); print(' '.join(str(t.number) for t in s.trials if '${1:-}' in ('', t.state.name)))" 2>/dev/null; }  # trials in $main (with a state: those only)
 stored() { numbers COMPLETE | wc -w; }  # finished trials in $main (a failed one is run again)
