@@ -46,9 +46,11 @@ configs=${CONFIGS:-100}; top=${TOP:-10}  # configurations in the table; best one
 # STOP_AT (seconds from the script's start): a sweep still running then is interrupted (Ctrl-C:
 # its finished trials stay stored, running ones fail) so the call ends inside its limit and
 # brings its storages back (a call that runs over loses the machine and them, session 30)
-run() { local left=$(( ${STOP_AT:-100000} - (SECONDS - started) ))
-  [ "$left" -gt 10 ] || { echo "no time left before STOP_AT"; return 0; }
-  timeout -s INT -k 30 "$left" python3 -m sweep run --study "$study" "${sets[@]}" "$@" 2>&1 |
+exec 3>&2  # the script's stderr, for a message from inside the pipes below
+until_stop() { local left=$(( ${STOP_AT:-100000} - (SECONDS - started) ))
+  [ "$left" -gt 10 ] || { echo "no time left before STOP_AT" >&3; return 0; }
+  timeout -s INT -k 30 "$left" "$@"; }
+run() { until_stop python3 -m sweep run --study "$study" "${sets[@]}" "$@" 2>&1 |
   grep -E "^trial [0-9]+ (complete|fail|pruned)|error|Error" | tail -n 400; }
 numbers() { python3 -c "import optuna; s=optuna.load_study(study_name='$study', storage='$main'); print(' '.join(str(t.number) for t in s.trials if '${1:-}' in ('', t.state.name)))" 2>/dev/null; }  # trials in $main (with a state: those only)
 stored() { numbers COMPLETE | wc -w; }  # finished trials in $main (a failed one is run again)
@@ -107,7 +109,7 @@ shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)" > /tmp/site/
     # (LIVE_SEED: the sampler's seed, default 0); its storage comes back in OUT, where
     # `python -m sweep replay --table docs/curves/sst2-smollm2.json.xz --seeds 40 --seed-noise
     # --parallel 4 --live sqlite:///OUT/live.db` costs it and sets it against the replay's band
-    python3 -m sweep run --study "$study" --set "data.dir=$PWD/data/gpu-sample" \
+    until_stop python3 -m sweep run --study "$study" --set "data.dir=$PWD/data/gpu-sample" \
       --set "sampler={name=\"TPESampler\", multivariate=true, seed=${LIVE_SEED:-0}}" \
       --set 'pruner={name="MedianPruner", n_startup_trials=4, n_warmup_steps=0}' \
       --storage sqlite:////tmp/curves/live.db --gpus 0 --trials-per-gpu "${PER_GPU:-4}" \
