@@ -1,6 +1,9 @@
 """Where the time of packed trials goes (tests/gpu/pack.sh): per trial, from its spec file's
 time (launch) and its progress events' times, the phases import, set-up, training,
-evaluation and the sweep's bookkeeping; medians per study and the most trials at once.
+evaluation and the sweep's bookkeeping; medians per study and the most trials at once; and,
+for a packed study, its trials perfectly packed: the first process's imports, then every
+trial's own seconds (start to end, as measured at this packing) spread evenly over the slots
+with no slot ever idle, the wall time no placement of these trials could beat.
 
     python3 tests/gpu/phases.py OPTUNA_DB OUT_DIR STUDY [STUDY ...]
 """
@@ -66,6 +69,12 @@ def main(db: str, out: Path, studies: list[str]) -> None:
                 )
         total = [r["complete"] - r["launch"] for r in rows if r.get("complete")]
         print(f"  {'whole trial':30s} median {statistics.median(total):6.1f} s")
+        if most > 1:
+            done = [r for r in rows if r.get("complete") and r.get("start")]
+            first = min(r["start"] for r in done) - min(r["launch"] for r in done)
+            ideal = first + sum(r["complete"] - r["start"] for r in done) / most
+            print(f"  perfectly packed: first imports {first:.1f} s + trial seconds / {most} "
+                  f"slots = {ideal:.1f} s ({3600 * len(done) / ideal:.0f}/h)")
         graphs = [g for trial in trials if (g := result(trial).get("graphs"))]
         if graphs:  # what the CUDA graphs cost each trial (src/cuda_graphs.GraphSet.stats)
             keys = ("capture_s", "training", "evaluation", "eager_calls", "inferred")
