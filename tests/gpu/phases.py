@@ -73,8 +73,10 @@ def main(db: str, out: Path, studies: list[str]) -> None:
             done = [r for r in rows if r.get("complete") and r.get("start")]
             first = min(r["start"] for r in done) - min(r["launch"] for r in done)
             ideal = first + sum(r["complete"] - r["start"] for r in done) / most
-            print(f"  perfectly packed: first imports {first:.1f} s + trial seconds / {most} "
-                  f"slots = {ideal:.1f} s ({3600 * len(done) / ideal:.0f}/h)")
+            print(
+                f"  perfectly packed: first imports {first:.1f} s + trial seconds / {most} "
+                f"slots = {ideal:.1f} s ({3600 * len(done) / ideal:.0f}/h)"
+            )
         graphs = [g for trial in trials if (g := result(trial).get("graphs"))]
         if graphs:  # what the CUDA graphs cost each trial (src/cuda_graphs.GraphSet.stats)
             keys = ("capture_s", "training", "evaluation", "eager_calls", "inferred")
