@@ -14,8 +14,10 @@ import json
 import statistics
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import optuna
+if TYPE_CHECKING:
+    import optuna
 
 PREFIX = "SWEEP_PROGRESS "
 PHASES = [  # (name, from event, to event)
@@ -40,6 +42,8 @@ def times(trial: optuna.trial.FrozenTrial) -> dict[str, float]:
 
 
 def main(db: str, out: Path, studies: list[str]) -> None:
+    import optuna  # here: `perfectly_packed` is used without it (docs/bench/s32/bound.py)
+
     for name in studies:
         trials = optuna.load_study(study_name=name, storage=f"sqlite:///{db}").trials
         rows = []
@@ -71,8 +75,7 @@ def main(db: str, out: Path, studies: list[str]) -> None:
         print(f"  {'whole trial':30s} median {statistics.median(total):6.1f} s")
         if most > 1:
             done = [r for r in rows if r.get("complete") and r.get("start")]
-            first = min(r["start"] for r in done) - min(r["launch"] for r in done)
-            ideal = first + sum(r["complete"] - r["start"] for r in done) / most
+            first, ideal = perfectly_packed(done, most)
             print(
                 f"  perfectly packed: first imports {first:.1f} s + trial seconds / {most} "
                 f"slots = {ideal:.1f} s ({3600 * len(done) / ideal:.0f}/h)"
@@ -86,6 +89,13 @@ def main(db: str, out: Path, studies: list[str]) -> None:
                   f"{med['evaluation']:.0f} evaluation in {med['capture_s']:.1f} s, "
                   f"{med['eager_calls']:.0f} eager calls, {probes:.0f} probes, "
                   f"{med['inferred']:.0f} decided unprobed")  # fmt: skip
+
+
+def perfectly_packed(rows: list[dict], slots: int) -> tuple[float, float]:
+    """(first imports, wall time) of finished trials' timeline rows perfectly packed on
+    `slots`: the first process's imports, then every trial's own seconds spread evenly."""
+    first = min(r["start"] for r in rows) - min(r["launch"] for r in rows)
+    return first, first + sum(r["complete"] - r["start"] for r in rows) / slots
 
 
 def result(trial: optuna.trial.FrozenTrial) -> dict:

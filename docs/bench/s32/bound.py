@@ -21,10 +21,14 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from pathlib import Path
 
-SLOTS = 16
 HERE = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(HERE.parent.parent))  # the repository root: tests/gpu/phases.py
+from tests.gpu.phases import perfectly_packed  # noqa: E402
+
+SLOTS = 16
 RUNS = ["s24/pack", "s25/pack", "s26/pack", "s27/pack", "warm/s29/pack"]
 
 
@@ -41,9 +45,10 @@ def idle(rows: list[dict], step: float = 0.05) -> tuple[float, float]:
     t0 = min(r["launch"] for r in rows)
     first = min(r["start"] for r in rows) - t0
     last = max(r["start"] for r in rows) - t0
+    end = wall(rows)
     before = after = 0.0
     t = first
-    while t < wall(rows):
+    while t < end:
         running = sum(r["start"] - t0 <= t < r["complete"] - t0 for r in rows)
         free = max(0, SLOTS - running) * step
         before, after = (before + free, after) if t < last else (before, after + free)
@@ -53,8 +58,8 @@ def idle(rows: list[dict], step: float = 0.05) -> tuple[float, float]:
 
 def main() -> None:
     print(
-        "run | serial /h | packed /h | ratio | I_s s | I_p s | T s | T_p s | perfectly packed s (ratio)"
-        " | idle slot-s before / after the last start"
+        "run | serial /h | packed /h | ratio | I_s s | I_p s | T s | T_p s"
+        " | perfectly packed s (ratio) | idle slot-s before / after the last start"
     )
     for run in RUNS:
         serial, packed = (
@@ -62,16 +67,16 @@ def main() -> None:
             finished(HERE / run / "gpu-pack-0.json"),
         )
         per_h = [3600 * len(rows) / wall(rows) for rows in (serial, packed)]
-        first = min(r["start"] for r in packed) - min(r["launch"] for r in packed)
+        first, ideal = perfectly_packed(packed, SLOTS)
         cold = min(r["start"] for r in serial) - min(r["launch"] for r in serial)
         trial_s = [r["complete"] - r["start"] for r in packed]
-        ideal = first + sum(trial_s) / SLOTS
         t_serial = statistics.median(r["complete"] - r["start"] for r in serial)
         before, after = idle(packed)
         print(
             f"{run} | {per_h[0]:.0f} | {per_h[1]:.0f} | {per_h[1] / per_h[0]:.1f}x | "
-            f"{cold:.1f} | {first:.1f} | {t_serial:.1f} | {statistics.mean(trial_s):.1f} | {ideal:.1f} "
-            f"({3600 * len(packed) / ideal / per_h[0]:.1f}x) | {before:.0f} / {after:.0f}"
+            f"{cold:.1f} | {first:.1f} | {t_serial:.1f} | {statistics.mean(trial_s):.1f} | "
+            f"{ideal:.1f} ({3600 * len(packed) / ideal / per_h[0]:.1f}x) | "
+            f"{before:.0f} / {after:.0f}"
         )
 
 
